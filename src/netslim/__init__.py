@@ -1,0 +1,10 @@
+"""netslim: make trained CNNs smaller and faster, and prove it with the survey's six ratios."""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from . import data, zoo  # noqa: E402
+from .errors import NetslimError  # noqa: E402
+from .profile import Comparison, Profile, compare, profile  # noqa: E402
+
+__all__ = ["zoo", "data", "profile", "compare", "Profile", "Comparison", "NetslimError", "__version__"]

@@ -1,0 +1,309 @@
+"""Fine-tuning and evaluation: one loop that every technique plugs into through hooks.
+
+* :func:`evaluate` - top-1 / top-5 / loss of a model on a dataset (sharded under DDP).
+* :func:`fit` - SGD or Adam with a cosine or constant schedule, progress bar, AMP on CUDA,
+  seeds, atomic per-epoch checkpoints that a restarted call resumes from, and
+  :class:`TrainHook` points for masks, regularizers, distillation losses and observers.
+* Multi-GPU / multi-process: run under ``torchrun``; :func:`init_distributed` sets up the
+  process group (NCCL on CUDA, gloo on CPU) and :func:`fit` wraps the model in
+  ``DistributedDataParallel`` with a ``DistributedSampler``.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from torch.utils.data.distributed import DistributedSampler
+from tqdm import tqdm
+
+from .errors import NetslimError, unknown_choice
+from .io import save_torch
+
+log = logging.getLogger("netslim.train")
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULES = ("cosine", "constant", "step")
+
+
+@dataclass
+class TrainConfig:
+    """Knobs of :func:`fit`; the ``finetune`` recipe stage takes exactly these fields."""
+
+    epochs: int = 1
+    lr: float = 0.01
+    batch_size: int = 128
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"
+    warmup_epochs: float = 0.0
+    label_smoothing: float = 0.0
+    amp: bool = True
+    seed: int = 0
+    workers: int = 0
+    max_steps_per_epoch: int | None = None
+    eval_every: int = 0
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise unknown_choice("optimizer", self.optimizer, OPTIMIZERS)
+        if self.schedule not in SCHEDULES:
+            raise unknown_choice("schedule", self.schedule, SCHEDULES)
+        if self.epochs < 0 or self.batch_size < 1:
+            raise NetslimError(f"epochs must be >= 0 and batch_size >= 1, got {self.epochs} and {self.batch_size}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise NetslimError(f"lr must be a positive number, got {self.lr}")
+
+
+class TrainHook:
+    """Extension points of :func:`fit`; override what you need. ``model`` is never the DDP wrapper."""
+
+    def on_train_start(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Called once, after the optimizer exists (e.g. to add parameters or register observers)."""
+
+    def loss(self, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
+             outputs: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
+        """Return the loss to minimise (add regularizers or distillation terms here)."""
+        return loss
+
+    def after_step(self, model: nn.Module) -> None:
+        """Called after each optimizer step (projections, mask updates)."""
+
+    def on_epoch_end(self, model: nn.Module, epoch: int) -> None:
+        """Called after each epoch, before the checkpoint is written."""
+
+
+# ------------------------------------------------------------------ distributed helpers
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def init_distributed() -> bool:
+    """Initialise the process group when launched by ``torchrun`` (``WORLD_SIZE`` > 1)."""
+    if is_distributed() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return is_distributed()
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend=backend)
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    return True
+
+
+def default_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) if is_distributed() else 0)
+    return torch.device("cpu")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# ------------------------------------------------------------------ evaluation
+def _as_loader(data: DataLoader | Dataset, batch_size: int, sampler=None) -> DataLoader:
+    if isinstance(data, DataLoader):
+        return data
+    return DataLoader(data, batch_size=batch_size, shuffle=False, sampler=sampler)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: DataLoader | Dataset, device: str | torch.device | None = None,
+             batch_size: int = 256, progress: bool = False, max_batches: int | None = None) -> dict[str, float]:
+    """Top-1, top-5 and mean cross-entropy of ``model`` on ``data`` (a Dataset or DataLoader).
+
+    Under DDP each process evaluates a shard of a Dataset and the counts are summed.
+    """
+    device = torch.device(device) if device is not None else default_device()
+    sampler = None
+    if is_distributed() and not isinstance(data, DataLoader):
+        sampler = DistributedSampler(data, shuffle=False, drop_last=False)
+    loader = _as_loader(data, batch_size, sampler)
+    was_training = model.training
+    model.eval().to(device)
+    totals = torch.zeros(4, dtype=torch.float64, device=device)  # correct1, correct5, loss, n
+    try:
+        batches = tqdm(loader, desc="evaluate", leave=False, disable=not progress or rank() != 0)
+        for i, (x, y) in enumerate(batches):
+            if max_batches is not None and i >= max_batches:
+                break
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            out = model(x)
+            if not torch.isfinite(out).all():
+                raise NetslimError("the model produced NaN or infinite outputs; check its weights")
+            k = min(5, out.shape[1])
+            top = out.topk(k, dim=1).indices
+            totals[0] += (top[:, 0] == y).sum()
+            totals[1] += (top == y[:, None]).any(dim=1).sum()
+            totals[2] += nn.functional.cross_entropy(out, y, reduction="sum")
+            totals[3] += y.numel()
+    finally:
+        model.train(was_training)
+    if is_distributed() and sampler is not None:
+        dist.all_reduce(totals)
+    n = max(totals[3].item(), 1.0)
+    return {"top1": totals[0].item() / n, "top5": totals[1].item() / n, "loss": totals[2].item() / n,
+            "n": int(totals[3].item())}
+
+
+# ------------------------------------------------------------------ training
+def _make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                               nesterov=cfg.nesterov and cfg.momentum > 0)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def _lr_factor(cfg: TrainConfig, step: int, total: int, steps_per_epoch: int) -> float:
+    warm = int(cfg.warmup_epochs * steps_per_epoch)
+    if step < warm:
+        return (step + 1) / warm
+    if cfg.schedule == "constant":
+        return 1.0
+    if cfg.schedule == "step":  # /10 at 50 % and 75 % of training
+        return 0.1 ** sum(step >= total * f for f in (0.5, 0.75))
+    progress = (step - warm) / max(1, total - warm)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+@dataclass
+class TrainState:
+    epoch: int = 0
+    history: list[dict] = field(default_factory=list)
+
+
+def _save_checkpoint(path: Path, model: nn.Module, optimizer, scaler, state: TrainState, cfg: TrainConfig) -> None:
+    save_torch({
+        "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "epoch": state.epoch, "history": state.history, "config": asdict(cfg),
+        "rng": torch.get_rng_state(), "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }, path)
+
+
+def _load_checkpoint(path: Path, model: nn.Module, optimizer, scaler) -> TrainState:
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if scaler is not None and ckpt.get("scaler"):
+        scaler.load_state_dict(ckpt["scaler"])
+    torch.set_rng_state(ckpt["rng"])
+    if torch.cuda.is_available() and ckpt.get("cuda_rng"):
+        torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
+    return TrainState(epoch=int(ckpt["epoch"]), history=list(ckpt["history"]))
+
+
+def fit(model: nn.Module, train_data: Dataset | DataLoader, config: TrainConfig | None = None, *,
+        hooks: Sequence[TrainHook] = (), eval_data: Dataset | DataLoader | None = None,
+        checkpoint_path: str | Path | None = None, device: str | torch.device | None = None,
+        progress: bool = True) -> list[dict]:
+    """Train ``model`` in place on ``train_data``; return the per-epoch history.
+
+    When ``checkpoint_path`` is given, a checkpoint is written atomically after every epoch
+    and a later call with the same path resumes after the last finished epoch (model,
+    optimizer, AMP scaler and RNG state restored).
+    """
+    cfg = config or TrainConfig()
+    device = torch.device(device) if device is not None else default_device()
+    seed_everything(cfg.seed + rank())
+    model.to(device).train()
+    net: nn.Module = model
+    sampler = None
+    if is_distributed():
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        if not isinstance(train_data, DataLoader):
+            sampler = DistributedSampler(train_data, shuffle=True, seed=cfg.seed, drop_last=True)
+    loader = train_data if isinstance(train_data, DataLoader) else DataLoader(
+        train_data, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler,
+        num_workers=cfg.workers, drop_last=len(train_data) > cfg.batch_size, persistent_workers=cfg.workers > 0)
+    steps_per_epoch = len(loader) if cfg.max_steps_per_epoch is None else min(len(loader), cfg.max_steps_per_epoch)
+    total_steps = max(1, steps_per_epoch * cfg.epochs)
+    optimizer = _make_optimizer(model, cfg)
+    base_lrs = [g["lr"] for g in optimizer.param_groups]
+    use_amp = cfg.amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda") if use_amp else None
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    for h in hooks:
+        h.on_train_start(model, optimizer)
+
+    state = TrainState()
+    ckpt = Path(checkpoint_path) if checkpoint_path is not None else None
+    if ckpt is not None and ckpt.is_file():
+        state = _load_checkpoint(ckpt, model, optimizer, scaler)
+        if rank() == 0:
+            log.info("resumed from %s after epoch %d", ckpt, state.epoch)
+
+    for epoch in range(state.epoch, cfg.epochs):
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        net.train()
+        seen, correct, loss_sum = 0, 0, 0.0
+        bar = tqdm(loader, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                   disable=not progress or rank() != 0, leave=False, mininterval=1.0)
+        for i, (x, y) in enumerate(bar):
+            if i >= steps_per_epoch:
+                break
+            step = epoch * steps_per_epoch + i
+            for g, lr in zip(optimizer.param_groups, base_lrs):
+                g["lr"] = lr * _lr_factor(cfg, step, total_steps, steps_per_epoch)
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with torch.autocast(device_type=device.type, enabled=use_amp):
+                out = net(x)
+                loss = criterion(out, y)
+                for h in hooks:
+                    loss = h.loss(model, x, y, out, loss)
+            if not torch.isfinite(loss):
+                raise NetslimError(f"training diverged: loss is {loss.item()} at epoch {epoch + 1}, step {i}; lower lr")
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                optimizer.step()
+            for h in hooks:
+                h.after_step(model)
+            seen += y.numel()
+            correct += (out.detach().argmax(1) == y).sum().item()
+            loss_sum += loss.item() * y.numel()
+            if i % 20 == 0:
+                bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.4f}")
+        for h in hooks:
+            h.on_epoch_end(model, epoch)
+        record = {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1), "train_top1": correct / max(seen, 1),
+                  "lr": optimizer.param_groups[0]["lr"]}
+        if eval_data is not None and cfg.eval_every and (epoch + 1) % cfg.eval_every == 0:
+            record.update({f"eval_{k}": v for k, v in evaluate(model, eval_data, device).items() if k != "n"})
+        state.history.append(record)
+        state.epoch = epoch + 1
+        if rank() == 0:
+            log.info("epoch %d/%d %s", epoch + 1, cfg.epochs,
+                     " ".join(f"{k}={v:.4f}" for k, v in record.items() if isinstance(v, float)))
+            if ckpt is not None:
+                _save_checkpoint(ckpt, model, optimizer, scaler, state, cfg)
+        if is_distributed():
+            dist.barrier()
+    return state.history
+
+
+__all__ = ["TrainConfig", "TrainHook", "fit", "evaluate", "init_distributed", "seed_everything", "default_device"]

@@ -1,0 +1,123 @@
+"""Model registry: a builder per name, looked up by :func:`get` (timm's ``create_model`` pattern)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from torch import nn
+
+from ..errors import NetslimError, unknown_choice
+from ..io import load_checkpoint
+from ..paths import shared_dir
+
+TORCHVISION_PREFIX = "torchvision:"
+
+# checkpoints in ../shared/models, used when weights="shared"
+SHARED_CHECKPOINTS = {
+    "lenet300": "mnist_lenet300.pt",
+    "lenet5": "mnist_lenet5.pt",
+    "resnet20": "cifar10_resnet20.pt",
+    "resnet56": "cifar10_resnet56.pt",
+    "mobilenetv2": "cifar10_mobilenetv2.pt",
+    "vgg16": "cifar10_vgg16.pt",
+}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    build: Callable[..., nn.Module]
+    input_size: tuple[int, ...]
+    dataset: str | None
+
+
+_REGISTRY: dict[str, ModelSpec] = {}
+
+
+def register(name: str, *, input_size: tuple[int, ...], dataset: str | None = None):
+    """Decorator: register a builder ``fn(num_classes=...) -> nn.Module`` under ``name``."""
+
+    def wrap(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        if name in _REGISTRY:
+            raise ValueError(f"model {name!r} registered twice")
+        _REGISTRY[name] = ModelSpec(name, fn, tuple(input_size), dataset)
+        return fn
+
+    return wrap
+
+
+def names() -> list[str]:
+    """Names of the zoo's own models."""
+    return sorted(_REGISTRY)
+
+
+def spec(name: str) -> ModelSpec:
+    """The registered :class:`ModelSpec`; torchvision names get a 224x224 ImageNet spec."""
+    if name.startswith(TORCHVISION_PREFIX):
+        _torchvision_builder(name)  # validates the name
+        return ModelSpec(name, lambda **kw: _build_torchvision(name, **kw), (1, 3, 224, 224), None)
+    if name not in _REGISTRY:
+        raise unknown_choice("model", name, names() + ["torchvision:<name>"])
+    return _REGISTRY[name]
+
+
+def _torchvision_builder(name: str):
+    import torchvision
+
+    tv_name = name[len(TORCHVISION_PREFIX):]
+    available = set(torchvision.models.list_models(module=torchvision.models))
+    if tv_name not in available:
+        close = sorted(n for n in available if tv_name[:4] in n) or sorted(available)[:10]
+        raise NetslimError(f"unknown torchvision model {tv_name!r}; similar names: {', '.join(close[:12])}")
+    return tv_name
+
+
+def _build_torchvision(name: str, num_classes: int | None = None) -> nn.Module:
+    import torchvision
+
+    tv_name = _torchvision_builder(name)
+    kwargs = {} if num_classes is None else {"num_classes": num_classes}
+    if tv_name in ("googlenet", "inception_v3"):
+        kwargs.update(aux_logits=False, init_weights=True)
+    return torchvision.models.get_model(tv_name, weights=None, **kwargs)
+
+
+def get(name: str, weights: str | Path | None = None, num_classes: int | None = None) -> nn.Module:
+    """Build model ``name`` (a zoo name or ``torchvision:<name>``) and optionally load ``weights``.
+
+    ``weights`` is a path to a ``state_dict`` file (loaded with ``weights_only=True`` and
+    ``strict=True``), or ``"shared"`` for the matching checkpoint in ``../shared/models``.
+    """
+    s = spec(name)
+    kwargs = {} if num_classes is None else {"num_classes": num_classes}
+    model = s.build(**kwargs)
+    if weights is not None:
+        load_weights(model, resolve_weights(name, weights))
+    return model
+
+
+def resolve_weights(name: str, weights: str | Path) -> Path:
+    if str(weights) != "shared":
+        return Path(weights)
+    if name not in SHARED_CHECKPOINTS:
+        raise unknown_choice("model with shared weights", name, SHARED_CHECKPOINTS)
+    root = shared_dir()
+    if root is None:
+        raise NetslimError("weights='shared' but no shared/ folder found (set $NETSLIM_SHARED)")
+    return root / "models" / SHARED_CHECKPOINTS[name]
+
+
+def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
+    """Load a plain ``state_dict`` strictly; a layout mismatch is one clear error."""
+    state = load_checkpoint(path)
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]  # netslim training checkpoints
+    if not isinstance(state, dict):
+        raise NetslimError(f"{path} does not hold a state_dict")
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).split("\n")[1].strip() if "\n" in str(exc) else str(exc)
+        raise NetslimError(f"weights {path} do not fit the model: {first}") from None
+    return model
