@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field
 
@@ -97,6 +98,18 @@ def deployed_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def deployable_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with every parametrization baked in: the form that ships and is timed."""
+    from torch.nn.utils import parametrize
+
+    clone = copy.deepcopy(model)
+    for module in list(clone.modules()):
+        if parametrize.is_parametrized(module):
+            for name in list(module.parametrizations.keys()):
+                parametrize.remove_parametrizations(module, name, leave_parametrized=True)
+    return clone
+
+
 def stored_bytes(model: nn.Module) -> int:
     """Bytes of the model stored densely at each tensor's own dtype (fp32 weights: 4 bytes each)."""
     return sum(t.numel() * t.element_size() for t in deployed_tensors(model).values())
@@ -107,6 +120,7 @@ def profile(model: nn.Module, example_input: torch.Tensor, *, latency: bool = Tr
             stored_size: int | None = None, index_size: int = 0, mac_bits: int = 32) -> Profile:
     """Profile ``model`` on ``example_input``.
 
+    Latency is measured on :func:`deployable_copy` (masks and other parametrizations baked in).
     ``stored_size`` / ``index_size`` override the dense stored form when the caller knows the
     real one (an encoded file); ``mac_bits`` picks the energy per MAC (32, 16 or 8).
     """
@@ -120,7 +134,7 @@ def profile(model: nn.Module, example_input: torch.Tensor, *, latency: bool = Tr
     effective = sum(r.effective_macs for r in rows) + other
     size = stored_bytes(model) if stored_size is None else int(stored_size)
     act = sum(math.prod(r.output_shape) * 4 for r in rows if r.output_shape)
-    lat = measure_latency(model, example_input, batch_sizes, warmup, repeats, threads) if latency else {}
+    lat = measure_latency(deployable_copy(model), example_input, batch_sizes, warmup, repeats, threads) if latency else {}
     return Profile(
         layers=rows, input_shape=tuple(example_input.shape),
         params=sum(p.numel() for p in model.parameters()),
@@ -134,4 +148,4 @@ def profile(model: nn.Module, example_input: torch.Tensor, *, latency: bool = Tr
 from .compare import Comparison, compare  # noqa: E402
 
 __all__ = ["profile", "Profile", "LayerStats", "compare", "Comparison", "measure_latency", "stored_bytes",
-           "estimate_energy", "human", "deployed_tensors"]
+           "estimate_energy", "human", "deployed_tensors", "deployable_copy"]
