@@ -128,12 +128,21 @@ def _load_cifar_jpeg(tar_path: Path) -> dict[str, RawSplit]:
 
 
 def _unpickle(path: Path) -> dict:
-    # torchvision's CIFAR python batches are pickles of plain arrays and lists (no code);
-    # read them with a restricted unpickler that refuses any global.
+    # torchvision's CIFAR python batches are pickles of numpy arrays, lists and strings;
+    # read them with a restricted unpickler that allows only numpy's array reconstruction.
+    import importlib
     import pickle
+    import warnings
+
+    allowed = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype")}
 
     class _NoGlobals(pickle.Unpickler):
         def find_class(self, module, name):
+            if (module, name) in allowed:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", DeprecationWarning)
+                    return getattr(importlib.import_module(module), name)
             raise NetslimError(f"{path}: unexpected object {module}.{name} in a CIFAR batch file")
 
     with open(path, "rb") as f:

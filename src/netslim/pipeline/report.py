@@ -50,3 +50,21 @@ def write_report(run_dir: Path, recipe: Recipe, metrics: list[dict]) -> Path:
             for pic in pictures:
                 parts.append(f"![{pic.stem}]({pic.relative_to(run_dir).as_posix()})")
     return save_text("\n".join(parts) + "\n", run_dir / "report.md")
+
+
+def ratio_table(baseline: dict, final: dict) -> str:
+    """The six ratios of ``final`` against ``baseline`` as a fixed-width table."""
+    bs = min(set(baseline["latency_ms"]) & set(final["latency_ms"]), key=int, default=None)
+    rows = [
+        ("r_A", "top-1 accuracy", f"{100 * baseline['top1']:.2f}%", f"{100 * final['top1']:.2f}%"),
+        ("r_p", "stored bytes", f"{baseline['stored_bytes']:,}", f"{final['stored_bytes']:,}"),
+        ("r_T", f"latency ms (batch {bs})", _f(final["baseline_latency_ms"].get(bs), ".3f"),
+         _f(final["latency_ms"].get(bs), ".3f")),
+        ("r_c", "effective MACs", f"{baseline['effective_macs']:,}", f"{final['effective_macs']:,}"),
+        ("r_E", "energy uJ (45 nm)", f"{baseline['energy_pj'] / 1e6:.3f}", f"{final['energy_pj'] / 1e6:.3f}"),
+        ("r_D", "index bytes", f"{baseline['index_bytes']:,}", f"{final['index_bytes']:,}"),
+    ]
+    lines = [f"{'ratio':<6}{'measure':<26}{'original':>16}{'compressed':>16}{'ratio':>10}", "-" * 74]
+    for key, what, a, b in rows:
+        lines.append(f"{key:<6}{what:<26}{a:>16}{b:>16}{_f(final['ratios'][key], '.3f'):>10}")
+    return "\n".join(lines)

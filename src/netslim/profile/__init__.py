@@ -105,6 +105,10 @@ def deployable_copy(model: nn.Module) -> nn.Module:
     clone = copy.deepcopy(model)
     for module in list(clone.modules()):
         if parametrize.is_parametrized(module):
+            # deepcopy shares the dynamically made Parametrized<Cls> class with the original, and
+            # removing a parametrization deletes the property from that class: give the copy its own.
+            cls = module.__class__
+            module.__class__ = type(cls.__name__, cls.__bases__, dict(cls.__dict__))
             for name in list(module.parametrizations.keys()):
                 parametrize.remove_parametrizations(module, name, leave_parametrized=True)
     return clone

@@ -67,11 +67,12 @@ def layer_macs(module: nn.Module, inputs: tuple, output) -> int:
     return 0
 
 
-def _weight_density(module: nn.Module) -> float:
+def _weight_density(module: nn.Module) -> tuple[int, int]:
+    """(non-zero, total) weight entries; MACs of zero weights are skipped in effective MACs."""
     w = getattr(module, "weight", None)
     if not isinstance(w, torch.Tensor) or w.numel() == 0:
-        return 1.0
-    return float(torch.count_nonzero(w.detach())) / w.numel()
+        return 1, 1
+    return int(torch.count_nonzero(w.detach())), w.numel()
 
 
 def _own_tensors(module: nn.Module) -> list[torch.Tensor]:
@@ -95,7 +96,7 @@ def count_layers(model: nn.Module, example_input: torch.Tensor) -> tuple[list[La
     def hook(name: str):
         def fn(module: nn.Module, inputs: tuple, output) -> None:
             macs = layer_macs(module, inputs, output)
-            density = _weight_density(module) if macs else 1.0
+            nonzero, total = _weight_density(module) if macs else (1, 1)
             tensors = _own_tensors(module)
             row = rows.get(name)
             if row is None:
@@ -104,7 +105,7 @@ def count_layers(model: nn.Module, example_input: torch.Tensor) -> tuple[list[La
                 out_shape = tuple(output.shape) if isinstance(output, torch.Tensor) else ()
                 row = rows[name] = LayerStats(name, type(module).__name__, params, nonzero, 0, 0, out_shape, 0)
             row.macs += macs
-            row.effective_macs += int(round(macs * density))
+            row.effective_macs += macs * nonzero // total
             row.activation_bytes = max(row.activation_bytes, _nbytes(inputs) + _nbytes(output))
         return fn
 

@@ -1,0 +1,229 @@
+"""``netslim`` command line: a thin layer over the Python API.
+
+A user mistake prints one line ``netslim: error: ...`` and exits with status 2; no traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from .errors import NetslimError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, not the usage block
+        self.exit(2, f"netslim: error: {message} (see '{self.prog} --help')\n")
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 1,3,32,32, got {text!r}")
+    if not values or any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _model(args) -> "torch.nn.Module":
+    from . import zoo
+
+    return zoo.get(args.model, args.weights, args.num_classes)
+
+
+def _add_model_args(p: argparse.ArgumentParser, weights_required: bool = False) -> None:
+    p.add_argument("--model", required=True, help="zoo name (lenet5, resnet56, ...) or torchvision:<name>")
+    p.add_argument("--weights", required=weights_required,
+                   help="state_dict file to load (strict), or 'shared' for ../shared/models")
+    p.add_argument("--num-classes", type=int, default=None)
+
+
+def cmd_profile(args) -> int:
+    import torch
+
+    from . import zoo
+    from .profile import profile
+
+    model = _model(args)
+    shape = args.input or zoo.spec(args.model).input_size
+    try:
+        prof = profile(model, torch.randn(*shape), latency=not args.no_latency, batch_sizes=args.batch_sizes,
+                       threads=args.threads)
+    except RuntimeError as exc:
+        raise NetslimError(f"{args.model} cannot run on input {tuple(shape)}: {str(exc).splitlines()[0]}") from None
+    if args.json:
+        print(json.dumps({"model": args.model, **prof.to_dict(layers=not args.totals)}, indent=2))
+    else:
+        print(f"{args.model} on input {tuple(shape)}")
+        print(prof.table(layers=not args.totals))
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from . import data as nsdata
+    from .train import evaluate
+
+    model = _model(args)
+    ds = nsdata.get(args.data, "test", args.data_root)
+    if args.limit:
+        from torch.utils.data import Subset
+
+        ds = Subset(ds, range(min(args.limit, len(ds))))
+    res = evaluate(model, ds, device=args.device, batch_size=args.batch_size, progress=not args.json)
+    if args.json:
+        print(json.dumps({"model": args.model, "data": args.data, **res}))
+    else:
+        print(f"{args.model} on {args.data} test ({res['n']:,} images): top-1 {100 * res['top1']:.2f}%  "
+              f"top-5 {100 * res['top5']:.2f}%  loss {res['loss']:.4f}")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from . import data as nsdata
+    from .io import save_torch
+    from .train import TrainConfig, evaluate, fit, init_distributed, rank
+
+    init_distributed()
+    model = _model(args)
+    cfg = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, optimizer=args.optimizer,
+                      weight_decay=args.weight_decay, seed=args.seed, amp=not args.no_amp,
+                      max_steps_per_epoch=args.max_steps)
+    out = Path(args.out)
+    fit(model, nsdata.get(args.data, "train", args.data_root, augment=True), cfg, device=args.device,
+        checkpoint_path=out.with_name(out.name + ".train.ckpt"))
+    res = evaluate(model, nsdata.get(args.data, "test", args.data_root), device=args.device)
+    if rank() == 0:
+        save_torch(model.state_dict(), out)
+        print(f"saved {out}; top-1 {100 * res['top1']:.2f}% on {args.data} test")
+    return 0
+
+
+def cmd_compress(args) -> int:
+    from .pipeline import load_recipe, run_recipe
+    from .pipeline.report import stage_table
+
+    recipe = load_recipe(args.recipe)
+    out = Path(args.out) if args.out else Path("runs") / Path(args.recipe).stem
+    metrics = run_recipe(recipe, out, restart=args.restart, progress=not args.no_progress)
+    print(stage_table(metrics))
+    print(f"\nrun directory: {out} (report.md, metrics.json)")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+    from .pipeline.report import ratio_table, stage_table
+
+    out = Path(args.out)
+    metrics = run_demo(out, restart=args.restart, progress=not args.no_progress)
+    print("\nstages:\n" + stage_table(metrics))
+    print("\nsix ratios, final model vs. original:\n" + ratio_table(metrics[0], metrics[-1]))
+    print(f"\nrun directory: {out} (report.md, metrics.json)")
+    return 0
+
+
+def cmd_stages(args) -> int:
+    import dataclasses
+
+    from .pipeline import get_stage, stage_names
+
+    for name in stage_names():
+        sdef = get_stage(name)
+        keys = ", ".join(f"{f.name}" for f in dataclasses.fields(sdef.config))
+        print(f"{name:<10} {sdef.doc}\n{'':<10} keys: {keys}")
+    return 0
+
+
+def cmd_bench_report(args) -> int:
+    from .report import bench_report
+
+    md, plot = bench_report(args.results, args.out)
+    print(md.read_text())
+    print(f"wrote {md}" + (f" and {plot}" if plot else ""))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="netslim", description="Make trained CNNs smaller and faster, and measure it.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("profile", help="per-layer params, MACs, size, latency, energy")
+    _add_model_args(p)
+    p.add_argument("--input", type=_int_list, help="input shape, e.g. 1,3,32,32 (default: the model's)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--totals", action="store_true", help="totals only, no per-layer table")
+    p.add_argument("--no-latency", action="store_true")
+    p.add_argument("--batch-sizes", type=_int_list, default=(1,))
+    p.add_argument("--threads", type=int, default=None)
+    p.set_defaults(func=cmd_profile)
+
+    p = sub.add_parser("evaluate", help="top-1 / top-5 on a dataset's test split")
+    _add_model_args(p, weights_required=True)
+    p.add_argument("--data", required=True, help="mnist, fashion-mnist, cifar10, cifar100 or an ImageFolder path")
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--limit", type=int, default=None, help="evaluate the first N test images only")
+    p.add_argument("--device", default=None)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("train", help="train or fine-tune a model (torchrun for several processes)")
+    _add_model_args(p)
+    p.add_argument("--data", required=True)
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--out", required=True, help="state_dict file to write (resumes from OUT.train.ckpt)")
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--optimizer", default="sgd")
+    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-steps", type=int, default=None, help="steps per epoch cap")
+    p.add_argument("--no-amp", action="store_true")
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("compress", help="run a YAML recipe of stages into a run directory")
+    p.add_argument("recipe")
+    p.add_argument("--out", default=None, help="run directory (default runs/<recipe name>)")
+    p.add_argument("--restart", action="store_true", help="discard an existing run directory")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_compress)
+
+    p = sub.add_parser("demo", help="LeNet-5 on Fashion-MNIST: train briefly, compress, print the six ratios")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--restart", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("stages", help="list recipe stages and their keys")
+    p.set_defaults(func=cmd_stages)
+
+    p = sub.add_parser("bench-report", help="table and Pareto plot of bench/results/*.json")
+    p.add_argument("--results", default="bench/results")
+    p.add_argument("--out", default=None, help="output folder (default: the results folder)")
+    p.set_defaults(func=cmd_bench_report)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except NetslimError as exc:
+        print(f"netslim: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("netslim: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
