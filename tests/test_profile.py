@@ -26,6 +26,7 @@ def test_layer_macs_agree_with_flop_counter(name):
     x = torch.randn(*zoo.spec(name).input_size)
     prof = netslim.profile(model, x, latency=False)
     assert prof.other_macs == 0  # every MAC is attributed to a layer by our hooks
+    assert prof.effective_macs == prof.macs  # dense weights: nothing skipped
     assert sum(r.macs for r in prof.layers) == flop_counter_macs(model, x)
 
 

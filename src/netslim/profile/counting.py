@@ -96,7 +96,7 @@ def count_layers(model: nn.Module, example_input: torch.Tensor) -> tuple[list[La
     def hook(name: str):
         def fn(module: nn.Module, inputs: tuple, output) -> None:
             macs = layer_macs(module, inputs, output)
-            nonzero, total = _weight_density(module) if macs else (1, 1)
+            w_nonzero, w_total = _weight_density(module) if macs else (1, 1)
             tensors = _own_tensors(module)
             row = rows.get(name)
             if row is None:
@@ -105,7 +105,7 @@ def count_layers(model: nn.Module, example_input: torch.Tensor) -> tuple[list[La
                 out_shape = tuple(output.shape) if isinstance(output, torch.Tensor) else ()
                 row = rows[name] = LayerStats(name, type(module).__name__, params, nonzero, 0, 0, out_shape, 0)
             row.macs += macs
-            row.effective_macs += macs * nonzero // total
+            row.effective_macs += macs * w_nonzero // w_total
             row.activation_bytes = max(row.activation_bytes, _nbytes(inputs) + _nbytes(output))
         return fn
 
