@@ -13,10 +13,10 @@ fi
 if ! .venv/bin/python -c "import torch, torchvision" 2>/dev/null; then
   echo "setup: installing $TORCH_SPEC"
   # shellcheck disable=SC2086
-  .venv/bin/pip install --quiet $TORCH_SPEC
+  .venv/bin/pip install --quiet $TORCH_SPEC 2> >(grep -v "^WARNING: Location" >&2)
 fi
 echo "setup: installing netslim and its test dependencies"
-.venv/bin/pip install --quiet -e ".[test]"
+.venv/bin/pip install --quiet -e ".[test]" 2> >(grep -v "^WARNING: Location" >&2)
 
 if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] && [ -z "${NETSLIM_DATA:-}" ]; then
   if command -v apt-get >/dev/null 2>&1; then

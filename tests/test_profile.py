@@ -26,7 +26,8 @@ def test_layer_macs_agree_with_flop_counter(name):
     x = torch.randn(*zoo.spec(name).input_size)
     prof = netslim.profile(model, x, latency=False)
     assert prof.other_macs == 0  # every MAC is attributed to a layer by our hooks
-    assert prof.effective_macs == prof.macs  # dense weights: nothing skipped
+    # random dense weights: at most a handful of exact zeros to skip
+    assert prof.macs * 0.9999 < prof.effective_macs <= prof.macs
     assert sum(r.macs for r in prof.layers) == flop_counter_macs(model, x)
 
 
