@@ -139,7 +139,8 @@ def _run(recipe: Recipe, run_dir: Path, progress: bool) -> list[dict]:
         stage_dir = run_dir / "stages" / f"{index:02d}-{spec.name}"
         stage_dir.mkdir(parents=True, exist_ok=True)
         log.info("stage %d/%d: %s %s", index + 1, len(recipe.stages), spec.name, spec.options)
-        ctx = StageContext(model, original, bundle, stage_dir, device, example_input, progress)
+        ctx = StageContext(model, original, bundle, stage_dir, device, example_input, progress,
+                           model_name=recipe.model, num_classes=recipe.num_classes)
         t0 = time.perf_counter()
         model = sdef.run(ctx, spec.config).to(device)
         wall = time.perf_counter() - t0

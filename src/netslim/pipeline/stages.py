@@ -35,6 +35,8 @@ class StageContext:
     example_input: torch.Tensor
     progress: bool = True
     artifacts: dict[str, Any] = field(default_factory=dict)
+    model_name: str | None = None
+    num_classes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,7 @@ class StageDef:
 
 
 _STAGES: dict[str, StageDef] = {}
+TECHNIQUE_STAGE_MODULES = ("netslim.prune.stages", "netslim.quant.stages", "netslim.encode.stages")
 
 
 def stage(name: str, config: type, restore: Callable[[nn.Module, Any], nn.Module] | None = None):
@@ -90,4 +93,9 @@ def build_config(stage_name: str, options: dict[str, Any] | None) -> Any:
 
 
 def _load_builtin_stages() -> None:
-    from . import builtin  # noqa: F401  (registers finetune, prune, ...)
+    import importlib
+
+    from . import builtin  # noqa: F401  (registers finetune)
+
+    for module in TECHNIQUE_STAGE_MODULES:
+        importlib.import_module(module)

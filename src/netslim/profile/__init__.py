@@ -5,7 +5,6 @@
 """
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass, field
 
@@ -100,18 +99,9 @@ def deployed_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def deployable_copy(model: nn.Module) -> nn.Module:
     """A copy of ``model`` with every parametrization baked in: the form that ships and is timed."""
-    from torch.nn.utils import parametrize
+    from ..surgery import bake_parametrizations_, safe_deepcopy
 
-    clone = copy.deepcopy(model)
-    for module in list(clone.modules()):
-        if parametrize.is_parametrized(module):
-            # deepcopy shares the dynamically made Parametrized<Cls> class with the original, and
-            # removing a parametrization deletes the property from that class: give the copy its own.
-            cls = module.__class__
-            module.__class__ = type(cls.__name__, cls.__bases__, dict(cls.__dict__))
-            for name in list(module.parametrizations.keys()):
-                parametrize.remove_parametrizations(module, name, leave_parametrized=True)
-    return clone
+    return bake_parametrizations_(safe_deepcopy(model))
 
 
 def stored_bytes(model: nn.Module) -> int:

@@ -1,0 +1,66 @@
+"""Entropy-coded sparse storage of a model (Deep Compression's third step, and better).
+
+``netslim.encode.save(model, "m.nsz", arch="lenet300")`` writes the smallest encoding of every
+tensor (see :mod:`netslim.encode.nsz`); ``netslim.encode.load("m.nsz")`` returns the model with
+bit-exact weights.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import nn
+
+from ..errors import NetslimError
+from ..profile import deployable_copy
+from .entropy import CodedStream, decode_stream, encode_stream, shannon_bits
+from .nsz import TensorReport, read_nsz, write_nsz
+
+
+def save(model: nn.Module, path: str | Path, arch: str | None = None, num_classes: int | None = None,
+         coders: tuple[str, ...] = ("huffman", "ans")) -> list[TensorReport]:
+    """Encode the deployable form of ``model`` (masks and sharing baked in) into ``path``.
+
+    ``arch`` is the zoo name (``"lenet300"``, ``"torchvision:resnet18"``) that :func:`load` rebuilds;
+    without it, :func:`load` needs the model passed in.
+    """
+    tensors = deployable_copy(model).state_dict()
+    meta = {"name": arch, "num_classes": num_classes} if arch else None
+    return write_nsz(tensors, path, meta, coders)
+
+
+def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
+    """Decode ``path`` into ``model`` (or a model rebuilt from the file's zoo name), strictly."""
+    from .. import zoo
+
+    arch, tensors = read_nsz(path)
+    if model is None:
+        if not arch or not arch.get("name"):
+            raise NetslimError(f"{path} names no architecture; pass the model: encode.load(path, model)")
+        model = zoo.get(str(arch["name"]), num_classes=arch.get("num_classes"))
+    try:
+        model.load_state_dict(tensors, strict=True)
+    except RuntimeError as exc:
+        raise NetslimError(f"{path} does not fit the model: {str(exc).splitlines()[-1].strip()}") from None
+    return model
+
+
+def report_table(reports: list[TensorReport], min_elements: int = 1) -> str:
+    """Markdown table: per tensor the encoding, bits per non-zero and per index, and the entropy bounds."""
+    lines = ["| tensor | encoding | elements | non-zeros | bytes | bits/non-zero | bound | bits/index | bound "
+             "| coders | gap bits, order | fillers |", "|" + "---|" * 12]
+    for r in reports:
+        if r.numel < min_elements:
+            continue
+        v_bound = r.value_bound_bits / max(r.nonzeros, 1)
+        i_bound = r.index_bound_bits / max(r.nonzeros, 1)
+        detail = r.detail
+        lines.append(
+            f"| {r.name} | {r.encoding} | {r.numel:,} | {r.nonzeros:,} | {r.total_bytes:,} "
+            f"| {r.bits_per_nonzero:.3f} | {v_bound:.3f} | {r.bits_per_index:.3f} | {i_bound:.3f} "
+            f"| {r.value_coder or '-'} / {r.index_coder or '-'} | {detail.get('bits', '-')}, {detail.get('layout', '-')} "
+            f"| {detail.get('fillers', '-')} |")
+    return "\n".join(lines)
+
+
+__all__ = ["save", "load", "read_nsz", "write_nsz", "report_table", "TensorReport", "encode_stream",
+           "decode_stream", "shannon_bits", "CodedStream"]

@@ -1,0 +1,69 @@
+"""Relative sparse indexing with filler zeros (Deep Compression, Han et al. 2016 §4, Fig. 2).
+
+Non-zero positions of a tensor flattened in row-major (CSR-like) or column-major (CSC-like)
+order are stored as gaps: ``gap = position - previous position - 1`` in ``bits`` bits. A gap
+larger than ``2**bits - 1`` is bridged by filler entries, each an explicit zero advancing the
+position by ``2**bits``. Row pointers are implicit in the flattened positions.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+LAYOUTS = ("csr", "csc")
+
+
+def flatten_order(shape: tuple[int, ...], layout: str) -> np.ndarray | None:
+    """Permutation taking row-major flat positions to the layout's traversal order (None: identity)."""
+    if layout == "csr" or len(shape) < 2:
+        return None
+    if layout != "csc":
+        raise ValueError(f"unknown layout {layout!r}; valid layouts: {', '.join(LAYOUTS)}")
+    rows, cols = shape[0], int(np.prod(shape[1:]))
+    return np.arange(rows * cols).reshape(rows, cols).T.ravel()
+
+
+def encode_gaps(values: np.ndarray, bits: int, zero_symbol: int) -> tuple[np.ndarray, np.ndarray]:
+    """(gaps, symbols) of the non-zero entries of the 1-D symbol array ``values``.
+
+    ``values`` holds codebook indices (or any symbols) with ``zero_symbol`` meaning zero.
+    """
+    if not 1 <= bits <= 16:
+        raise ValueError(f"gap bits must be in 1..16, got {bits}")
+    positions = np.flatnonzero(values != zero_symbol)
+    span = 1 << bits
+    diffs = np.diff(positions, prepend=-1) - 1  # zeros skipped before each non-zero
+    fillers = diffs // span
+    gaps_last = diffs % span
+    counts = fillers + 1
+    total = int(counts.sum())
+    gaps = np.full(total, span - 1, dtype=np.int64)
+    symbols = np.full(total, zero_symbol, dtype=np.int64)
+    ends = np.cumsum(counts) - 1
+    gaps[ends] = gaps_last
+    symbols[ends] = values[positions]
+    return gaps, symbols
+
+
+def gap_positions(gaps: np.ndarray, is_filler: np.ndarray, bits: int, numel: int) -> np.ndarray:
+    """Flat positions (in traversal order) of the entries that are not fillers."""
+    span = 1 << bits
+    if gaps.size and (gaps.min() < 0 or gaps.max() >= span):
+        raise ValueError(f"gap out of range for {bits}-bit gaps")
+    if np.any(is_filler & (gaps != span - 1)):
+        raise ValueError("a filler entry with a short gap")
+    steps = np.where(is_filler, span, gaps + 1)
+    positions = (np.cumsum(steps) - 1)[~is_filler]
+    if positions.size and positions[-1] >= numel:
+        raise ValueError(f"sparse positions run past the tensor's {numel} elements")
+    return positions
+
+
+def decode_gaps(gaps: np.ndarray, symbols: np.ndarray, bits: int, numel: int, zero_symbol: int) -> np.ndarray:
+    """Inverse of :func:`encode_gaps`: the full 1-D symbol array of length ``numel``."""
+    if gaps.shape != symbols.shape:
+        raise ValueError("gap and value streams differ in length")
+    is_filler = symbols == zero_symbol
+    positions = gap_positions(gaps, is_filler, bits, numel)
+    out = np.full(numel, zero_symbol, dtype=np.int64)
+    out[positions] = symbols[~is_filler]
+    return out
