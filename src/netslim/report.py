@@ -58,8 +58,12 @@ def make_row(**fields: Any) -> dict[str, Any]:
 
 
 def write_result(benchmark: str, rows: Iterable[dict], out_dir: str | Path = "bench/results",
-                 device: str | torch.device = "cpu", command: str | None = None) -> Path:
-    """Write ``<out_dir>/<benchmark>.json`` atomically with the standard header."""
+                 device: str | torch.device = "cpu", command: str | None = None,
+                 details: dict[str, Any] | None = None) -> Path:
+    """Write ``<out_dir>/<benchmark>.json`` atomically with the standard header.
+
+    ``details`` (optional) holds what does not fit a row: per-layer tables, timings of stages.
+    """
     doc = {
         "benchmark": benchmark,
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -69,6 +73,8 @@ def write_result(benchmark: str, rows: Iterable[dict], out_dir: str | Path = "be
         "torch": torch.__version__,
         "rows": [make_row(**r) for r in rows],
     }
+    if details:
+        doc["details"] = details
     validate_result(doc, benchmark)
     return save_json(doc, Path(out_dir) / f"{benchmark}.json")
 

@@ -23,13 +23,13 @@ class DatasetInfo:
     input_size: tuple[int, int, int]
     mean: tuple[float, ...]
     std: tuple[float, ...]
-    augment: str  # "none" or "crop_flip"
+    augment: str  # "shift" (random crop, pad 2) or "crop_flip" (random crop, pad 4, horizontal flip)
 
 
 # normalization the shared checkpoints expect (../shared/README.md)
 DATASETS: dict[str, DatasetInfo] = {
-    "mnist": DatasetInfo("mnist", 10, (1, 28, 28), (0.1307,), (0.3081,), "none"),
-    "fashion-mnist": DatasetInfo("fashion-mnist", 10, (1, 28, 28), (0.2860,), (0.3530,), "none"),
+    "mnist": DatasetInfo("mnist", 10, (1, 28, 28), (0.1307,), (0.3081,), "shift"),
+    "fashion-mnist": DatasetInfo("fashion-mnist", 10, (1, 28, 28), (0.2860,), (0.3530,), "shift"),
     "cifar10": DatasetInfo("cifar10", 10, (3, 32, 32), (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), "crop_flip"),
     "cifar100": DatasetInfo("cifar100", 100, (3, 32, 32), (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), "crop_flip"),
 }
@@ -53,15 +53,17 @@ class ImageTensorDataset(Dataset):
         self.labels = torch.from_numpy(_writable(raw.labels))
         self.mean = torch.tensor(info.mean).view(-1, 1, 1)
         self.std = torch.tensor(info.std).view(-1, 1, 1)
-        self.augment = augment and info.augment == "crop_flip"
+        self.augment = info.augment if augment else "none"
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.images[i].float().div_(255)
-        if self.augment:
+        if self.augment == "crop_flip":
             x = _random_crop_flip(x, pad=4)
+        elif self.augment == "shift":
+            x = _random_crop_flip(x, pad=2, flip=False)
         return (x - self.mean) / self.std, self.labels[i]
 
 
@@ -69,12 +71,12 @@ def _writable(a: np.ndarray) -> np.ndarray:
     return a if a.flags.writeable and a.flags.c_contiguous else np.array(a, copy=True, order="C")
 
 
-def _random_crop_flip(x: torch.Tensor, pad: int) -> torch.Tensor:
+def _random_crop_flip(x: torch.Tensor, pad: int, flip: bool = True) -> torch.Tensor:
     h, w = x.shape[-2:]
     padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
     top, left = (int(v) for v in torch.randint(0, 2 * pad + 1, (2,)))
     x = padded[:, top:top + h, left:left + w]
-    if torch.rand(()) < 0.5:
+    if flip and torch.rand(()) < 0.5:
         x = x.flip(-1)
     return x
 

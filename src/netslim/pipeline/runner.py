@@ -125,13 +125,7 @@ def _run(recipe: Recipe, run_dir: Path, progress: bool) -> list[dict]:
     finished = int(state["finished"])
     if finished:
         log.info("resuming after %d finished stage(s)", finished)
-        for spec in recipe.stages[:finished]:
-            sdef = get_stage(spec.name)
-            if sdef.restore is not None:
-                model = sdef.restore(model, spec.config)
-        last = recipe.stages[finished - 1]
-        model.load_state_dict(load_checkpoint(_stage_file(run_dir, finished - 1, last.name)))
-        model.to(device)
+        model = restore_stage_model(model, recipe, run_dir, finished - 1).to(device)
 
     for index in range(finished, len(recipe.stages)):
         spec = recipe.stages[index]
@@ -158,6 +152,18 @@ def _run(recipe: Recipe, run_dir: Path, progress: bool) -> list[dict]:
     save_json(state["metrics"], run_dir / "metrics.json")
     write_report(run_dir, recipe, state["metrics"])
     return state["metrics"]
+
+
+def restore_stage_model(model: torch.nn.Module, recipe: Recipe, run_dir: str | Path, index: int) -> torch.nn.Module:
+    """``model`` (the recipe's base model) as it was after stage ``index`` of a run: the structure
+    of stages 0..index replayed, then that stage's checkpoint loaded."""
+    for spec in recipe.stages[: index + 1]:
+        sdef = get_stage(spec.name)
+        if sdef.restore is not None:
+            model = sdef.restore(model, spec.config)
+    spec = recipe.stages[index]
+    model.load_state_dict(load_checkpoint(_stage_file(Path(run_dir), index, spec.name)))
+    return model
 
 
 def _merge_artifacts(previous: list[dict], current: dict) -> dict:
