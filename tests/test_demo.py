@@ -21,5 +21,7 @@ def test_demo_runs_end_to_end_and_ends_with_the_six_ratios(tmp_path):
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     baseline, final = metrics[0], metrics[-1]
     assert baseline["top1"] > 0.85  # briefly trained LeNet-5 on Fashion-MNIST
+    assert final["stage"] == "encode"
     assert final["ratios"]["r_c"] > 2 and final["ratios"]["r_A"] > 0.98
+    assert final["ratios"]["r_p"] > 20  # entropy-coded sparse storage
     assert (tmp_path / "cache" / "fashion_mnist_lenet5.pt").is_file()

@@ -24,6 +24,16 @@ def test_entropy_coders_roundtrip_near_the_shannon_bound(coder, probs):
         assert overhead_vs_bound(stream, symbols) < 0.01
 
 
+def test_huffman_never_decodes_the_padding_bits():
+    rng = np.random.default_rng(7)
+    for n in range(1, 60):  # every padding length, with codes longer than the padding
+        symbols = rng.choice(6, size=n, p=[0.4, 0.3, 0.1, 0.1, 0.05, 0.05])
+        if np.unique(symbols).size < 2:
+            continue
+        stream = encode_stream(symbols, ("huffman",))
+        assert np.array_equal(decode_stream(stream), symbols)
+
+
 def test_ans_beats_huffman_on_skewed_streams_and_the_smaller_is_chosen():
     rng = np.random.default_rng(1)
     symbols = rng.choice(3, size=50_000, p=[0.94, 0.03, 0.03])

@@ -117,3 +117,18 @@ def test_sigkill_during_finetune_resumes_without_redoing_finished_stages(shared,
     assert log.count("stage 1/2: prune") == 1
     metrics = json.loads((out / "metrics.json").read_text())
     assert [m["stage"] for m in metrics] == ["baseline", "prune", "finetune"]
+
+
+def test_every_shipped_recipe_parses():
+    from pathlib import Path
+
+    from netslim.demo import demo_recipe_text
+
+    root = Path(__file__).resolve().parents[1] / "recipes"
+    paths = sorted(root.glob("*.yaml"))
+    assert len(paths) >= 3
+    for path in paths:
+        recipe = load_recipe(path)
+        assert recipe.stages, path
+    demo = parse_recipe(yaml.safe_load(demo_recipe_text()))
+    assert [s.name for s in demo.stages][-1] == "encode"

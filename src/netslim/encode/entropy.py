@@ -4,6 +4,7 @@ through ``bitarray``'s C implementation) and asymmetric numeral systems (ANS, Du
 """
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 
@@ -63,19 +64,14 @@ def _huffman_decode(stream: CodedStream) -> np.ndarray:
     count, order = stream.table["count"], stream.table["symbol"]
     bits = bitarray(endian="big")
     bits.frombytes(stream.payload)
-    out = np.empty(stream.n, dtype=np.int64)
-    i = 0
+    # islice stops after n symbols: the padding bits of the last byte are never decoded
     try:
-        for i, sym in enumerate(canonical_decode(bits, count, order)):
-            if i >= stream.n:
-                break
-            out[i] = sym
-        else:
-            i += 1
+        out = np.fromiter(itertools.islice(canonical_decode(bits, count, order), stream.n), dtype=np.int64,
+                          count=-1)
     except ValueError as exc:
         raise ValueError(f"corrupt Huffman stream: {exc}") from None
-    if i < stream.n:
-        raise ValueError(f"Huffman stream ends after {i} of {stream.n} symbols")
+    if out.size < stream.n:
+        raise ValueError(f"Huffman stream ends after {out.size} of {stream.n} symbols")
     return out
 
 

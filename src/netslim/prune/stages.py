@@ -59,18 +59,21 @@ class PruneConfig:
             raise ValueError(f"sparsity must be a number in [0, 1), got {self.sparsity!r}")
         if self.plan == "explicit" and not self.layer_sparsity:
             raise ValueError("plan 'explicit' needs layer_sparsity: {layer: sparsity}")
-        if self.schedule == "agp" and self.plan not in ("global", "layer"):
-            raise ValueError("schedule 'agp' works with plan 'global' or 'layer'")
+        if self.schedule == "agp" and self.plan == "threshold":
+            raise ValueError("schedule 'agp' needs a target sparsity; plan 'threshold' has none")
         self.train_config = TrainConfig(**self.train) if self.schedule == "agp" else None
 
 
 def _masks(model: nn.Module, cfg: PruneConfig, sparsity: float, plan: dict[str, float] | None = None):
+    """Masks at overall ``sparsity``; a per-layer plan is scaled by ``sparsity / cfg.sparsity``
+    so that a gradual schedule raises every layer along the same curve."""
     exclude = tuple(cfg.exclude)
     if cfg.plan in ("global", "layer"):
         return magnitude_masks(model, sparsity, cfg.plan, exclude)
     if cfg.plan == "threshold":
         return threshold_masks(model, cfg.threshold_std, exclude)
-    return planned_masks(model, plan)
+    scale = sparsity / cfg.sparsity if cfg.sparsity > 0 else 1.0
+    return planned_masks(model, {n: s * scale for n, s in plan.items()})
 
 
 def _restore_prune(model: nn.Module, cfg: PruneConfig) -> nn.Module:
@@ -110,7 +113,7 @@ def prune(ctx: StageContext, cfg: PruneConfig) -> nn.Module:
     else:
         tc = cfg.train_config
         steps = tc.epochs * (tc.max_steps_per_epoch or max(1, len(ctx.data.train) // tc.batch_size))
-        hook = AGPHook(lambda m, s: _masks(m, cfg, s), 0.0, cfg.sparsity, steps, cfg.agp_frequency)
+        hook = AGPHook(lambda m, s: _masks(m, cfg, s, plan), 0.0, cfg.sparsity, steps, cfg.agp_frequency)
         fit(ctx.model, ctx.data.train, tc, hooks=[hook], device=ctx.device, progress=ctx.progress)
     layers = prunable_layers(ctx.model, tuple(cfg.exclude))
     sparsities = {n: float((m.weight == 0).float().mean()) for n, m in layers.items()}
