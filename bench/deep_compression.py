@@ -26,6 +26,7 @@ import netslim
 from netslim import NetslimError, encode, zoo
 from netslim import data as nsdata
 from netslim.pipeline import load_recipe, restore_stage_model, run_recipe
+from netslim.prune import magnitude_prune_
 from netslim.prune.sparse_exec import sparse_vs_dense
 from netslim.report import write_result
 from netslim.train import evaluate
@@ -121,6 +122,19 @@ def run_model(name: str, runs: Path) -> tuple[list[dict], dict]:
             {"layer": t.layer, "shape": list(t.shape), "sparsity": t.sparsity, "batch": t.batch,
              "dense_ms": t.dense_ms, "sparse_csr_ms": t.sparse_ms, "speedup": t.speedup}
             for t in sparse_vs_dense(copy.deepcopy(pre_encode))]
+        # every layer of LeNet-300-100 at 90 %, 95 % and 99 % sparsity (per-layer magnitude)
+        sweep = []
+        for target in (0.90, 0.95, 0.99):
+            pruned = zoo.get(name, weights="shared")
+            magnitude_prune_(pruned, target, scope="layer")
+            sweep += [{"layer": t.layer, "shape": list(t.shape), "sparsity": t.sparsity, "batch": t.batch,
+                       "dense_ms": t.dense_ms, "sparse_csr_ms": t.sparse_ms, "speedup": t.speedup}
+                      for t in sparse_vs_dense(pruned)]
+        details["sparse_vs_dense_cpu_by_sparsity"] = sweep
+    plot = run_dir / "stages" / "00-prune" / "sensitivity.png"
+    if plot.is_file():  # keep the sensitivity picture beside the results
+        shutil.copyfile(plot, ROOT / "bench" / "results" / f"deep_compression_{name}_sensitivity.png")
+        details["sensitivity_plot"] = f"bench/results/deep_compression_{name}_sensitivity.png"
     print(f"{name}: {ratio:.1f}x, error {100 * error:.2f}%, identical outputs: {same}")
     return [row_base, row], details
 

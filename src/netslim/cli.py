@@ -32,13 +32,17 @@ def _int_list(text: str) -> tuple[int, ...]:
 def _model(args) -> "torch.nn.Module":
     from . import zoo
 
+    if args.weights and str(args.weights).endswith(".nsz"):
+        from . import encode
+
+        return encode.load(args.weights, None if args.model == "auto" else zoo.get(args.model, None, args.num_classes))
     return zoo.get(args.model, args.weights, args.num_classes)
 
 
 def _add_model_args(p: argparse.ArgumentParser, weights_required: bool = False) -> None:
     p.add_argument("--model", required=True, help="zoo name (lenet5, resnet56, ...) or torchvision:<name>")
     p.add_argument("--weights", required=weights_required,
-                   help="state_dict file to load (strict), or 'shared' for ../shared/models")
+                   help="state_dict file to load (strict), a .nsz file, or 'shared' for ../shared/models")
     p.add_argument("--num-classes", type=int, default=None)
 
 
@@ -55,12 +59,29 @@ def cmd_profile(args) -> int:
                        threads=args.threads)
     except RuntimeError as exc:
         raise NetslimError(f"{args.model} cannot run on input {tuple(shape)}: {str(exc).splitlines()[0]}") from None
+    sparse_rows = _sparse_timings(model, args.batch_sizes) if args.sparse else []
     if args.json:
-        print(json.dumps({"model": args.model, **prof.to_dict(layers=not args.totals)}, indent=2))
+        doc = {"model": args.model, **prof.to_dict(layers=not args.totals)}
+        if args.sparse:
+            doc["sparse_vs_dense"] = [vars(r) | {"speedup": r.speedup} for r in sparse_rows]
+        print(json.dumps(doc, indent=2))
     else:
         print(f"{args.model} on input {tuple(shape)}")
         print(prof.table(layers=not args.totals))
+        if args.sparse:
+            print("\nlinear layers, dense vs. sparse CSR kernels (median ms):")
+            print(f"{'layer':<24}{'sparsity':>10}{'batch':>7}{'dense':>10}{'sparse':>10}{'speed-up':>10}")
+            for r in sparse_rows:
+                print(f"{r.layer:<24}{r.sparsity:>10.1%}{r.batch:>7}{r.dense_ms:>10.4f}{r.sparse_ms:>10.4f}"
+                      f"{r.speedup:>9.2f}x")
     return 0
+
+
+def _sparse_timings(model, batch_sizes):
+    from .prune.sparse_exec import sparse_vs_dense
+    from .surgery import safe_deepcopy
+
+    return sparse_vs_dense(safe_deepcopy(model), tuple(batch_sizes), repeats=50)
 
 
 def cmd_evaluate(args) -> int:
@@ -160,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-latency", action="store_true")
     p.add_argument("--batch-sizes", type=_int_list, default=(1,))
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--sparse", action="store_true", help="also time linear layers with sparse CSR kernels")
     p.set_defaults(func=cmd_profile)
 
     p = sub.add_parser("evaluate", help="top-1 / top-5 on a dataset's test split")
