@@ -132,3 +132,11 @@ def test_every_shipped_recipe_parses():
         assert recipe.stages, path
     demo = parse_recipe(yaml.safe_load(demo_recipe_text()))
     assert [s.name for s in demo.stages][-1] == "encode"
+
+
+def test_test_limit_takes_a_class_balanced_random_subset(shared):
+    from netslim.pipeline.databundle import DataBundle
+
+    subset = DataBundle("cifar10", test_limit=500).test
+    labels = {int(subset[i][1]) for i in range(len(subset))}
+    assert len(subset) == 500 and labels == set(range(10))  # the test set is stored sorted by class

@@ -90,10 +90,12 @@ def cmd_evaluate(args) -> int:
 
     model = _model(args)
     ds = nsdata.get(args.data, "test", args.data_root)
-    if args.limit:
+    if args.limit and args.limit < len(ds):
+        import torch
         from torch.utils.data import Subset
 
-        ds = Subset(ds, range(min(args.limit, len(ds))))
+        order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))  # test sets come sorted by class
+        ds = Subset(ds, sorted(order[: args.limit].tolist()))
     res = evaluate(model, ds, device=args.device, batch_size=args.batch_size, progress=not args.json)
     if args.json:
         print(json.dumps({"model": args.model, "data": args.data, **res}))
@@ -189,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="mnist, fashion-mnist, cifar10, cifar100 or an ImageFolder path")
     p.add_argument("--data-root", default=None)
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--limit", type=int, default=None, help="evaluate the first N test images only")
+    p.add_argument("--limit", type=int, default=None, help="evaluate a fixed random subset of N test images")
     p.add_argument("--device", default=None)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_evaluate)
