@@ -18,7 +18,7 @@ from .train import TrainConfig, evaluate, fit
 
 log = logging.getLogger("netslim.demo")
 DEMO_RECIPE = "demo_lenet5_fashion_mnist.yaml"
-BASELINE_CONFIG = TrainConfig(epochs=3, lr=0.05, batch_size=128, weight_decay=5e-4, seed=0)
+BASELINE_CONFIG = TrainConfig(epochs=3, lr=0.02, warmup_epochs=0.3, batch_size=128, weight_decay=5e-4, seed=0)
 
 
 def demo_recipe_text() -> str:
