@@ -42,3 +42,15 @@ def test_sensitivity_plan_shows_in_the_report(shared, tmp_path):
     assert "![sensitivity](stages/00-prune/sensitivity.png)" in report
     assert "| conv1 |" in report and "plan" in report
     assert (tmp_path / "run" / "stages" / "00-prune" / "sensitivity.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_decompose_stage_with_fine_tuning_resumes_from_recorded_ranks(shared, tmp_path):
+    doc = {"model": "lenet300", "weights": "shared", "data": "mnist", "test_limit": 1000, "stages": [
+        {"decompose": {"method": "svd", "selector": "energy", "energy": 0.8}},
+        {"finetune": {"epochs": 1, "lr": 0.005, "max_steps_per_epoch": 20}}]}
+    run = tmp_path / "run"
+    metrics = run_recipe(parse_recipe(doc), run, progress=False)
+    assert metrics[1]["ratios"]["r_c"] > 1.5 and metrics[2]["top1"] > 0.9
+    state = json.loads((run / "state.json").read_text())
+    assert "fc1" in state["artifacts"][0]["structure"]
+    assert run_recipe(parse_recipe(doc), run, progress=False) == metrics  # resume replays the ranks

@@ -29,3 +29,34 @@ def safe_deepcopy(model: nn.Module) -> nn.Module:
             cls = module.__class__
             module.__class__ = type(cls.__name__, cls.__bases__, dict(cls.__dict__))
     return clone
+
+
+def replace_module_(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
+    """Put ``new`` where submodule ``name`` was (``"features.3"``, ``"layer1.0.conv1"``)."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+    return model
+
+
+def io_shapes(model: nn.Module, example_input, kinds: tuple[type, ...]) -> dict[str, tuple[tuple, tuple]]:
+    """Input and output shapes of every module of ``kinds`` on one forward pass."""
+    import torch
+
+    shapes: dict[str, tuple[tuple, tuple]] = {}
+    handles = []
+    for name, module in model.named_modules():
+        if isinstance(module, kinds):
+            def hook(m, inputs, output, name=name):
+                shapes.setdefault(name, (tuple(inputs[0].shape), tuple(output.shape)))
+            handles.append(module.register_forward_hook(hook))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(example_input)
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return shapes

@@ -26,7 +26,7 @@ class EncodeConfig:
                 raise unknown_choice("coder", c, ("huffman", "ans"))
 
 
-def _restore(model: nn.Module, cfg: EncodeConfig) -> nn.Module:
+def _restore(model: nn.Module, cfg: EncodeConfig, artifacts: dict | None = None) -> nn.Module:
     return bake_parametrizations_(model)
 
 

@@ -157,10 +157,12 @@ def _run(recipe: Recipe, run_dir: Path, progress: bool) -> list[dict]:
 def restore_stage_model(model: torch.nn.Module, recipe: Recipe, run_dir: str | Path, index: int) -> torch.nn.Module:
     """``model`` (the recipe's base model) as it was after stage ``index`` of a run: the structure
     of stages 0..index replayed, then that stage's checkpoint loaded."""
-    for spec in recipe.stages[: index + 1]:
+    state_file = Path(run_dir) / "state.json"
+    artifacts = json.loads(state_file.read_text()).get("artifacts", []) if state_file.is_file() else []
+    for i, spec in enumerate(recipe.stages[: index + 1]):
         sdef = get_stage(spec.name)
         if sdef.restore is not None:
-            model = sdef.restore(model, spec.config)
+            model = sdef.restore(model, spec.config, artifacts[i] if i < len(artifacts) else {})
     spec = recipe.stages[index]
     model.load_state_dict(load_checkpoint(_stage_file(Path(run_dir), index, spec.name)))
     return model

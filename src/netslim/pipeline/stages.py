@@ -2,9 +2,10 @@
 
 A stage is a config dataclass and a function ``run(ctx, cfg) -> nn.Module``; the YAML keys of a
 stage are exactly the config's fields, so unknown keys are caught with the valid ones listed.
-A stage that changes the model's structure also gives ``restore(model, cfg) -> nn.Module``,
-which rebuilds that structure without data so a resumed run can load the stage's checkpoint
-(checkpoints are plain ``state_dict``\\ s: no pickled code).
+A stage that changes the model's structure also gives ``restore(model, cfg, artifacts) -> nn.Module``,
+which rebuilds that structure without data (``artifacts``: what the stage recorded, such as the
+ranks it chose) so a resumed run can load the stage's checkpoint (checkpoints are plain
+``state_dict``\\ s: no pickled code).
 """
 from __future__ import annotations
 
@@ -44,15 +45,16 @@ class StageDef:
     name: str
     config: type
     run: Callable[[StageContext, Any], nn.Module]
-    restore: Callable[[nn.Module, Any], nn.Module] | None
+    restore: Callable[[nn.Module, Any, dict], nn.Module] | None
     doc: str
 
 
 _STAGES: dict[str, StageDef] = {}
-TECHNIQUE_STAGE_MODULES = ("netslim.prune.stages", "netslim.quant.stages", "netslim.encode.stages")
+TECHNIQUE_STAGE_MODULES = ("netslim.prune.stages", "netslim.quant.stages", "netslim.encode.stages",
+                           "netslim.lowrank.stages")
 
 
-def stage(name: str, config: type, restore: Callable[[nn.Module, Any], nn.Module] | None = None):
+def stage(name: str, config: type, restore: Callable[[nn.Module, Any, dict], nn.Module] | None = None):
     """Decorator registering ``run(ctx, cfg)`` as recipe stage ``name`` with config class ``config``."""
 
     def wrap(fn: Callable[[StageContext, Any], nn.Module]):

@@ -76,7 +76,7 @@ def _masks(model: nn.Module, cfg: PruneConfig, sparsity: float, plan: dict[str, 
     return planned_masks(model, {n: s * scale for n, s in plan.items()})
 
 
-def _restore_prune(model: nn.Module, cfg: PruneConfig) -> nn.Module:
+def _restore_prune(model: nn.Module, cfg: PruneConfig, artifacts: dict | None = None) -> nn.Module:
     layers = prunable_layers(model, tuple(cfg.exclude))
     return apply_masks_(model, {n: torch.ones_like(m.weight) for n, m in layers.items()})
 

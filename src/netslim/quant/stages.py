@@ -35,7 +35,7 @@ class QuantizeConfig:
                 raise ValueError(f"{name} must be an integer in 1..16, got {bits!r}")
 
 
-def _restore(model: nn.Module, cfg: QuantizeConfig) -> nn.Module:
+def _restore(model: nn.Module, cfg: QuantizeConfig, artifacts: dict | None = None) -> nn.Module:
     return restore_shared_(model, cfg.conv_bits, cfg.fc_bits, tuple(cfg.exclude))
 
 

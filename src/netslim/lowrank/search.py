@@ -1,0 +1,89 @@
+"""Per-layer rank search for a whole-model target (greedy on measured sensitivity, the idea of
+AIMET's greedy compression-ratio selection).
+
+Every eligible layer is decomposed alone at each candidate fraction of its full rank and the
+model's accuracy measured on held-out data; then, starting from the undecomposed model, the
+(layer, rank) step that loses the least accuracy per MAC (or parameter) saved is taken until
+the model reaches the target reduction.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+from tqdm import tqdm
+
+from ..train import evaluate
+from .apply import DecompositionReport, LayerPlan, apply_plan_, plan_decomposition
+
+log = logging.getLogger("netslim.lowrank")
+
+
+def greedy_rank_search(model: nn.Module, example_input: torch.Tensor, data: Dataset, reduction: float,
+                       target: str = "macs", method: str = "auto", candidates: tuple[float, ...] = (0.125, 0.25, 0.375, 0.5, 0.75),
+                       layers: tuple[str, ...] = (), exclude: tuple[str, ...] = (), batchnorm: bool = False,
+                       device: str | torch.device = "cpu", progress: bool = True,
+                       model_cost: int | None = None) -> tuple[DecompositionReport, dict]:
+    """Choose a rank per layer so that the model's ``target`` (macs or params) shrinks by ``reduction``.
+
+    Returns the chosen plan and a sensitivity table ``{layer: {fraction: top1}}``.
+    """
+    if target not in ("macs", "params"):
+        raise ValueError(f"target must be macs or params, got {target!r}")
+    options: dict[str, list[LayerPlan]] = {}
+    for f in candidates:
+        report = plan_decomposition(model, example_input, method, "fixed", f, layers, exclude)
+        for name, plan in report.layers.items():
+            if plan.skipped is None:
+                options.setdefault(name, []).append(plan)
+    baseline = evaluate(model, data, device=device)["top1"]
+    table: dict[str, dict[float, float]] = {}
+    accuracy: dict[tuple[str, int], float] = {}
+    total_runs = sum(len(v) for v in options.values())
+    bar = tqdm(total=total_runs, desc="rank sensitivity", disable=not progress, leave=False)
+    for name, plans in options.items():
+        for plan in plans:
+            trial = copy.deepcopy(model)
+            apply_plan_(trial, DecompositionReport({name: plan}), batchnorm)
+            acc = evaluate(trial, data, device=device)["top1"]
+            accuracy[(name, id(plan))] = acc
+            table.setdefault(name, {})[str(plan.rank)] = acc
+            bar.update()
+    bar.close()
+
+    def cost(p: LayerPlan, after: bool) -> int:
+        c = p.after if after else p.before
+        return c.macs if target == "macs" else c.params
+
+    if model_cost is None:
+        from ..profile import profile
+
+        prof = profile(model, example_input, latency=False)
+        model_cost = prof.macs if target == "macs" else prof.params
+    goal = model_cost / reduction
+    chosen: dict[str, LayerPlan] = {}
+    current = model_cost
+    while current > goal:
+        best, best_score = None, None
+        for name, plans in options.items():
+            now = chosen.get(name)
+            now_cost = cost(now, True) if now else cost(plans[0], False)
+            now_acc = accuracy[(name, id(now))] if now else baseline
+            for p in plans:
+                saved = now_cost - cost(p, True)
+                if saved <= 0:
+                    continue
+                score = max(0.0, now_acc - accuracy[(name, id(p))]) / saved
+                if best_score is None or score < best_score or (score == best_score and saved > best[1]):
+                    best, best_score = (p, saved), score
+        if best is None:
+            log.warning("target %.2fx %s not reachable with candidates %s; stopping at %.2fx",
+                        reduction, target, candidates, model_cost / current)
+            break
+        plan, saved = best
+        chosen[plan.name] = plan
+        current -= saved
+    return DecompositionReport(chosen), table

@@ -1,0 +1,123 @@
+import pytest
+import torch
+from torch import nn
+
+import netslim
+from netslim import NetslimError, zoo
+from netslim.lowrank import (cp_conv, decompose_, greedy_rank_search, plan_decomposition, rank_for_energy,
+                             spatial_conv, svd_conv1x1, svd_linear, tucker2_conv, vbmf_rank)
+from netslim.lowrank import formulas
+from netslim.lowrank.apply import costs
+
+
+def test_full_rank_svd_reproduces_a_linear_layer():
+    torch.manual_seed(0)
+    layer = nn.Linear(64, 40)
+    x = torch.randn(8, 64)
+    torch.testing.assert_close(svd_linear(layer, 40)(x), layer(x), atol=1e-5, rtol=0)
+
+
+def test_full_rank_svd_of_a_1x1_conv_with_stride():
+    conv = nn.Conv2d(12, 20, 1, stride=2)
+    x = torch.randn(2, 12, 9, 9)
+    torch.testing.assert_close(svd_conv1x1(conv, 12)(x), conv(x), atol=1e-5, rtol=0)
+
+
+def test_spatial_split_of_a_separable_kernel_is_exact_at_rank_one():
+    conv = nn.Conv2d(4, 6, 3, padding=1, stride=(2, 1))
+    p, q = torch.randn(4, 3), torch.randn(6, 3)  # W[n, c, i, j] = p[c, i] q[n, j]: rank 1 when reshaped
+    with torch.no_grad():
+        conv.weight.copy_(torch.einsum("ci,nj->ncij", p, q))
+    x = torch.randn(2, 4, 10, 10)
+    split = spatial_conv(conv, 1)
+    torch.testing.assert_close(split(x), conv(x), atol=1e-5, rtol=0)
+    assert [m.kernel_size for m in split] == [(3, 1), (1, 3)]
+
+
+@pytest.mark.parametrize("batchnorm", [False, True])
+def test_spatial_split_at_full_rank_is_exact(batchnorm):
+    conv = nn.Conv2d(5, 7, 3, padding=1)
+    x = torch.randn(1, 5, 8, 8)
+    torch.testing.assert_close(spatial_conv(conv, 15, batchnorm).eval()(x), conv(x), atol=1e-5, rtol=0)
+
+
+def test_tucker2_at_full_ranks_and_cp_at_high_rank_reproduce_the_conv():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(6, 8, 3, padding=1, stride=2)
+    x = torch.randn(2, 6, 9, 9)
+    torch.testing.assert_close(tucker2_conv(conv, 6, 8)(x), conv(x), atol=1e-5, rtol=0)
+    err = (cp_conv(conv, 48)(x) - conv(x)).abs().max() / conv(x).abs().max()
+    assert err < 1e-3
+
+
+def test_the_first_layer_trap_is_refused_with_the_numbers():
+    """conv 3 -> 16, 3x3: 432 params; a spatial split with D = 16 gives 144 + 768 = 912."""
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False))
+    x = torch.randn(1, 3, 32, 32)
+    assert formulas.conv_cost(3, 16, 3, 3, (32, 32)).params == 432
+    assert formulas.spatial_cost(3, 16, 3, 3, 16, (32, 32), (32, 32)).params == 144 + 768
+    assert formulas.spatial_break_even(3, 16, 3) == pytest.approx(7.58, abs=0.01)
+    report = plan_decomposition(model, x, "spatial", "fixed", 16)
+    assert report.layers["0"].skipped and "912" in report.layers["0"].skipped and "432" in report.layers["0"].skipped
+    assert plan_decomposition(model, x, "spatial", "fixed", 7).layers["0"].skipped is None  # 7 < 7.58
+    assert plan_decomposition(model, x, "spatial", "fixed", 8).layers["0"].skipped is not None
+
+
+@pytest.mark.parametrize("method,rank", [("spatial", 5), ("cp", 6), ("tucker2", (4, 5)), ("svd", 4)])
+def test_formula_counts_equal_the_built_layers(method, rank):
+    conv = nn.Conv2d(8, 12, 1 if method == "svd" else 3, stride=2, padding=0 if method == "svd" else 1, bias=False)
+    x = torch.randn(1, 8, 15, 15)
+    out = conv(x)
+    before, after = costs(conv, method, rank, tuple(x.shape), tuple(out.shape))
+    built = {"spatial": lambda: spatial_conv(conv, rank), "cp": lambda: cp_conv(conv, rank),
+             "tucker2": lambda: tucker2_conv(conv, *rank), "svd": lambda: svd_conv1x1(conv, rank)}[method]()
+    prof = netslim.profile(built, x, latency=False)
+    assert prof.params == after.params  # real small layers, no full kernel kept anywhere
+    assert prof.macs == after.macs
+    assert netslim.profile(conv, x, latency=False).macs == before.macs
+    assert built(x).shape == out.shape
+
+
+def test_vbmf_and_energy_rank_selection():
+    torch.manual_seed(0)
+    for true_rank in (4, 12):
+        m = torch.randn(50, true_rank) @ torch.randn(true_rank, 70) + 0.05 * torch.randn(50, 70)
+        assert vbmf_rank(m) == true_rank
+    assert rank_for_energy(torch.tensor([3.0, 2.0, 1.0]), 0.9) == 2
+    assert rank_for_energy(torch.tensor([3.0, 2.0, 1.0]), 1.0) == 3
+
+
+def test_decompose_vgg16_halves_macs_with_spatial_split():
+    model = zoo.get("vgg16")
+    x = torch.randn(1, 3, 32, 32)
+    before = netslim.profile(model, x, latency=False)
+    report = decompose_(model, x, "spatial", "fixed", 0.25)
+    after = netslim.profile(model, x, latency=False)
+    assert 1.9 < before.macs / after.macs < 2.3
+    assert model(x).shape == (1, 10)
+    assert all(p.skipped is None for p in report.layers.values())
+
+
+def test_unknown_layer_and_method_are_clear_errors():
+    model = zoo.get("lenet300")
+    with pytest.raises(NetslimError, match="unknown layer 'fc9'"):
+        plan_decomposition(model, torch.randn(1, 1, 28, 28), layers=("fc9",), value=0.5)
+    with pytest.raises(NetslimError, match="valid decompose methods"):
+        plan_decomposition(model, torch.randn(1, 1, 28, 28), method="tt", value=0.5)
+
+
+def test_greedy_search_reaches_the_target():
+    torch.manual_seed(0)
+    model = zoo.get("lenet300")
+    x = torch.randn(1, 1, 28, 28)
+    data = torch.utils.data.TensorDataset(torch.randn(64, 1, 28, 28), torch.randint(0, 10, (64,)))
+    report, table = greedy_rank_search(model, x, data, reduction=2.0, target="params", progress=False)
+    before = netslim.profile(model, x, latency=False).params
+    decomposed = decompose_(zoo.get("lenet300"), x, ranks={n: p.rank for n, p in report.layers.items()},
+                            layers=tuple(report.layers), value=1.0)
+    assert decomposed.layers and set(table) >= set(report.layers)
+    m2 = zoo.get("lenet300")
+    from netslim.lowrank import apply_plan_
+
+    apply_plan_(m2, report)
+    assert netslim.profile(m2, x, latency=False).params <= before / 2 + 1000  # biases are not decomposed
