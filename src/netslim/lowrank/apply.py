@@ -123,14 +123,15 @@ def _exceeds(rank, full) -> bool:
     return rank > full
 
 
-def build(module: nn.Module, method: str, rank, batchnorm: bool = False) -> nn.Sequential:
+def build(module: nn.Module, method: str, rank, batchnorm: bool = False, iters: int = 100) -> nn.Sequential:
+    """The decomposed replacement of ``module`` (``iters``: ALS / HOOI iterations for CP and Tucker-2)."""
     if method == "svd":
         return svd_linear(module, rank) if isinstance(module, nn.Linear) else svd_conv1x1(module, rank)
     if method == "spatial":
         return spatial_conv(module, rank, batchnorm)
     if method == "cp":
-        return cp_conv(module, rank)
-    return tucker2_conv(module, rank[0], rank[1])
+        return cp_conv(module, rank, n_iter=iters)
+    return tucker2_conv(module, rank[0], rank[1], n_iter=iters)
 
 
 @dataclass
@@ -187,11 +188,11 @@ def plan_decomposition(model: nn.Module, example_input: torch.Tensor, method: st
     return report
 
 
-def apply_plan_(model: nn.Module, report: DecompositionReport, batchnorm: bool = False) -> nn.Module:
+def apply_plan_(model: nn.Module, report: DecompositionReport, batchnorm: bool = False, iters: int = 100) -> nn.Module:
     """Replace every non-skipped layer of ``report`` by its decomposition."""
     for name, plan in report.layers.items():
         if plan.skipped is None:
-            replace_module_(model, name, build(model.get_submodule(name), plan.method, plan.rank, batchnorm))
+            replace_module_(model, name, build(model.get_submodule(name), plan.method, plan.rank, batchnorm, iters))
     return model
 
 
