@@ -19,6 +19,7 @@ import argparse
 import copy
 import logging
 import time
+import warnings
 
 import torch
 from torch import nn
@@ -83,18 +84,25 @@ def tltorch_build(base, factorization, implementation, decompose=True):
         for name, conv in list(m.named_modules()):
             if isinstance(conv, nn.Conv2d) and conv.kernel_size != (1, 1) and conv.groups == 1 and conv.in_channels > 3:
                 fac = tltorch.FactorizedConv.from_conv(conv, rank=f, factorization=factorization,
-                                                       implementation=implementation, decompose_weights=decompose)
+                                                       implementation=implementation, decompose_weights=decompose,
+                                                       decomposition_kwargs={"n_iter_max": ALS_ITERS})
                 replace_module_(m, name, fac)
         return m
     return build
 
 
-def tltorch_at_target(base, factorization, implementation, goal):
-    """Bisect TensorLy-Torch's rank fraction on MACs with random factors (fast), then decompose once."""
+def tltorch_at_target(base, factorization, goal):
+    """Bisect TensorLy-Torch's rank fraction on MACs with random factors (fast), decompose once, and
+    return the model in both of its implementations ("factorized", "reconstructed"), same factors."""
     got = bisect(tltorch_build(base, factorization, "factorized", decompose=False), goal, lo=0.01, hi=1.0, steps=10)
     if got is None:
-        return None
-    return got[0], tltorch_build(base, factorization, implementation)(got[0])
+        return {}
+    factorized = tltorch_build(base, factorization, "factorized")(got[0])
+    reconstructed = copy.deepcopy(factorized)
+    for m in reconstructed.modules():
+        if hasattr(m, "implementation"):
+            m.implementation = "reconstructed"
+    return {"factorized": (got[0], factorized), "reconstructed": (got[0], reconstructed)}
 
 
 def latency(model) -> dict[int, float]:
@@ -111,6 +119,7 @@ def main() -> None:
     p.add_argument("--out", default="bench/results")
     args = p.parse_args()
     logging.getLogger("netslim.lowrank").setLevel(logging.ERROR)  # bisection probes many skipped layers
+    warnings.filterwarnings("ignore", message="Trying to compute SVD")  # TensorLy's SVD-init notices
     device = "cuda" if torch.cuda.is_available() else "cpu"
     test_full = nsdata.get("cifar10", "test")
     order = torch.randperm(len(test_full), generator=torch.Generator().manual_seed(0))
@@ -145,14 +154,11 @@ def main() -> None:
             candidates[("spatial", "greedy target", "netslim")] = (None, greedy)
             details["configs"][f"{name}@{t:g}x greedy search s"] = time.time() - t0
             for fac in ("tucker", "cp"):
-                for impl in ("factorized", "reconstructed"):
-                    try:
-                        got = tltorch_at_target(base, fac, impl, goal)
-                    except Exception as exc:  # report a peer failure rather than hide it
-                        details["configs"][f"{name}@{t:g}x tltorch {fac} {impl}"] = f"failed: {exc}"
-                        continue
-                    if got:
+                try:
+                    for impl, got in tltorch_at_target(base, fac, goal).items():
                         candidates[(fac, f"tltorch rank fraction ({impl})", "tensorly-torch")] = got
+                except Exception as exc:  # report a peer failure rather than hide it
+                    details["configs"][f"{name}@{t:g}x tltorch {fac}"] = f"failed: {exc}"
             scored = []
             for (method, selector, tool), (knob, model) in candidates.items():
                 model.eval()
@@ -180,6 +186,7 @@ def main() -> None:
                                  params=sum(q.numel() for q in model.parameters()), macs=m, size_bytes=None,
                                  latency_ms=lat, baseline_latency_ms=base_lat,
                                  notes=f"top-1 before fine-tune {100 * top1:.2f}%; MAC reduction {dense_macs / m:.2f}x; {form}"))
+            write_result("lowrank", rows, args.out, device=device, details=details)  # partial results survive a stop
     print(write_result("lowrank", rows, args.out, device=device, details=details))
 
 
