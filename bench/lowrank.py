@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import logging
 import time
 import warnings
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -105,6 +107,16 @@ def tltorch_at_target(base, factorization, goal):
     return {"factorized": (got[0], factorized), "reconstructed": (got[0], reconstructed)}
 
 
+def previous_rows(path: Path, rerun: set[str], details: dict) -> tuple[list[dict], dict]:
+    """Rows and config details of models that are not being rerun, from an earlier result file."""
+    if not path.exists():
+        return [], details
+    doc = json.loads(path.read_text())
+    rows = [r for r in doc["rows"] if r["model"] not in rerun]
+    configs = {k: v for k, v in doc.get("details", {}).get("configs", {}).items() if k.split("@")[0] not in rerun}
+    return rows, {**details, "configs": configs}
+
+
 def latency(model) -> dict[int, float]:
     return netslim.profile(model, X, batch_sizes=(1, 64), repeats=15, warmup=3).latency_ms
 
@@ -117,6 +129,8 @@ def main() -> None:
     p.add_argument("--ft-steps", type=int, default=150)
     p.add_argument("--search-images", type=int, default=500)
     p.add_argument("--out", default="bench/results")
+    p.add_argument("--merge", action="store_true",
+                   help="keep the rows (and details) of models not run now from the existing JSON")
     args = p.parse_args()
     logging.getLogger("netslim.lowrank").setLevel(logging.ERROR)  # bisection probes many skipped layers
     warnings.filterwarnings("ignore", message="Trying to compute SVD")  # TensorLy's SVD-init notices
@@ -129,6 +143,8 @@ def main() -> None:
     form = (f"{'GPU' if device == 'cuda' else 'CPU'} form: top-1 on {len(test):,} test images; fine-tune "
             f"{args.ft_steps} steps of batch 128 (SGD lr 0.01 cosine); CP-ALS / Tucker-HOOI {ALS_ITERS} iterations")
     rows, details = [], {"form": form, "configs": {}}
+    if args.merge:
+        rows, details = previous_rows(Path(args.out) / "lowrank.json", set(args.models.split(",")), details)
     for name in args.models.split(","):
         base = zoo.get(name, weights="shared").eval()
         dense_macs = macs(base)
