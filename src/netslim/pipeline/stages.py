@@ -51,7 +51,8 @@ class StageDef:
 
 _STAGES: dict[str, StageDef] = {}
 TECHNIQUE_STAGE_MODULES = ("netslim.prune.stages", "netslim.quant.stages", "netslim.encode.stages",
-                           "netslim.lowrank.stages", "netslim.distill.stages")
+                           "netslim.lowrank.stages", "netslim.distill.stages",
+                           "netslim.prune.structured.stages")
 
 
 def stage(name: str, config: type, restore: Callable[[nn.Module, Any, dict], nn.Module] | None = None):

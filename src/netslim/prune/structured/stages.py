@@ -1,0 +1,121 @@
+"""The ``prune_channels`` recipe stage: structured pruning, one-shot, iterative, SFP or reconstruction."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Subset
+
+from ...errors import NetslimError, unknown_choice
+from ...pipeline.stages import StageContext, stage
+from ...train import TrainConfig, fit
+from .api import parse_target, structured
+from .criteria import CRITERIA, SlimmingRegularizer
+from .reconstruct import reconstruct_prune
+from .select import SCOPES
+from .serialize import apply_structure_, structure_of
+from .soft import soft_filter_prune
+
+METHODS = ("oneshot", "iterative", "sfp", "reconstruct")
+
+
+@dataclass
+class ChannelPruneConfig:
+    """``ratio`` of channels to remove, or ``target`` such as ``"macs:2"`` (macs, params, latency).
+    ``method``: ``oneshot``; ``iterative`` (``steps`` rounds of prune + fine-tune with ``train``);
+    ``sfp`` (Soft Filter Pruning during ``train``); ``reconstruct`` (He 2017, no fine-tuning).
+    ``slimming_l1`` > 0 first trains with an L1 penalty on BatchNorm scales (Network Slimming) for
+    ``train``'s epochs. ``train``: the fields of the ``finetune`` stage, for the training these need."""
+
+    ratio: float = 0.5
+    target: str | None = None
+    criterion: str = "l1"
+    method: str = "oneshot"
+    scope: str = "uniform"
+    round_to: int = 1
+    min_keep: float = 0.1
+    exclude: list[str] = field(default_factory=list)
+    steps: int = 3
+    slimming_l1: float = 0.0
+    data_batches: int = 8
+    calibration_images: int = 256
+    seed: int = 0
+    train: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.criterion not in CRITERIA:
+            raise unknown_choice("criterion", self.criterion, CRITERIA)
+        if self.method not in METHODS:
+            raise unknown_choice("method", self.method, METHODS)
+        if self.scope not in SCOPES:
+            raise unknown_choice("scope", self.scope, SCOPES)
+        if not 0 <= self.ratio < 1:
+            raise NetslimError(f"ratio must be in [0, 1), got {self.ratio}")
+        parse_target(self.target)
+        valid = {f.name for f in fields(TrainConfig)}
+        unknown = set(self.train) - valid
+        if unknown:
+            raise NetslimError(f"unknown key(s) {sorted(unknown)} in train; valid keys: {', '.join(sorted(valid))}")
+        self.train_config = TrainConfig(**self.train)
+
+
+def _restore(model: nn.Module, cfg: ChannelPruneConfig, artifacts: dict | None = None) -> nn.Module:
+    return apply_structure_(model, (artifacts or {})["structure"])
+
+
+def _loader(ctx: StageContext, cfg: ChannelPruneConfig) -> DataLoader:
+    return DataLoader(ctx.data.train_plain, batch_size=64, shuffle=True,
+                      generator=torch.Generator().manual_seed(cfg.seed))
+
+
+def _prune(model, ctx, cfg, target, ratio):
+    return structured(model.cpu(), ctx.example_input, ratio, cfg.criterion, scope=cfg.scope, target=target,
+                      round_to=cfg.round_to, exclude=cfg.exclude, min_keep=cfg.min_keep, seed=cfg.seed,
+                      data=_loader(ctx, cfg) if cfg.criterion == "taylor" else None)
+
+
+def _iterative(ctx: StageContext, cfg: ChannelPruneConfig) -> nn.Module:
+    """``steps`` rounds, each removing an equal share (geometrically) of the goal, then fine-tuning."""
+    parsed = parse_target(cfg.target)
+    model = ctx.model
+    for _ in range(cfg.steps):
+        if parsed is not None:
+            model = _prune(model, ctx, cfg, {parsed[0]: parsed[1] ** (1 / cfg.steps)}, cfg.ratio)
+        else:
+            model = _prune(model, ctx, cfg, None, 1 - (1 - cfg.ratio) ** (1 / cfg.steps))
+        fit(model, ctx.data.train, cfg.train_config, device=ctx.device, progress=ctx.progress)
+    return model
+
+
+@stage("prune_channels", ChannelPruneConfig, restore=_restore)
+def prune_channels(ctx: StageContext, cfg: ChannelPruneConfig) -> nn.Module:
+    """Structured pruning: remove whole channels through the dependency graph (dense, really faster)."""
+    model = ctx.model
+    if cfg.slimming_l1 > 0:
+        fit(model, ctx.data.train, cfg.train_config, hooks=[SlimmingRegularizer(cfg.slimming_l1)], device=ctx.device,
+            progress=ctx.progress, checkpoint_path=ctx.stage_dir / "slimming.ckpt")
+    if cfg.method == "oneshot":
+        model = _prune(model, ctx, cfg, cfg.target, cfg.ratio)
+    elif cfg.method == "iterative":
+        model = _iterative(ctx, cfg)
+    elif cfg.method == "sfp":
+        model = soft_filter_prune(model, ctx.example_input.to(ctx.device), ctx.data.train, cfg.train_config,
+                                  cfg.ratio, cfg.target, cfg.criterion if cfg.criterion != "taylor" else "l2",
+                                  cfg.scope, cfg.round_to, device=ctx.device, progress=ctx.progress,
+                                  checkpoint_path=ctx.stage_dir / "sfp.ckpt")
+    else:
+        train = ctx.data.train_plain
+        picks = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed))[:cfg.calibration_images]
+        images = torch.stack([train[i][0] for i in picks.tolist()])
+        model = reconstruct_prune(model.cpu(), ctx.example_input, images, cfg.ratio, cfg.target, seed=cfg.seed)
+    ctx.artifacts["structure"] = structure_of(model)
+    ctx.artifacts["notes"] = _channel_table(ctx.original, model)
+    return model
+
+
+def _channel_table(original: nn.Module, pruned: nn.Module) -> str:
+    before = {n: m.out_channels for n, m in original.named_modules() if isinstance(m, nn.Conv2d)}
+    rows = [f"| {n} | {before[n]} | {m.out_channels} |" for n, m in pruned.named_modules()
+            if isinstance(m, nn.Conv2d) and n in before and m.out_channels != before[n]]
+    return "\n".join(["| conv | channels before | after |", "|---|---|---|", *rows]) if rows else "no channel removed"
