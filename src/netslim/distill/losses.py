@@ -253,6 +253,10 @@ class CRDLoss(nn.Module):
         return -(log_h_pos + log_one_minus_h_neg.sum(1)).mean()
 
     def forward(self, student: torch.Tensor, teacher: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
+        with torch.autocast(device_type=student.device.type, enabled=False):  # exp(score / 0.07) wants fp32
+            return self._contrast(student, teacher, index)
+
+    def _contrast(self, student: torch.Tensor, teacher: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
         if self.uses_bank and index is None:
             raise NetslimError("CRD with a memory bank (num_samples given) needs the batch's dataset indices")
         v_s = F.normalize(self.embed_student(as_embedding(student).float()), dim=1)

@@ -13,6 +13,7 @@
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -77,7 +78,7 @@ class MutualLearningHook(TrainHook):
 
 def mutual_learning(peers: Sequence[nn.Module], train_data: Dataset | DataLoader, config: TrainConfig | None = None,
                     *, temperature: float = 1.0, kl_weight: float = 1.0, eval_data: Dataset | DataLoader | None = None,
-                    checkpoint_path=None, device: str | torch.device | None = None,
+                    checkpoint_path: str | Path | None = None, device: str | torch.device | None = None,
                     progress: bool = True) -> list[dict]:
     """Deep mutual learning (Zhang et al. 2018): train ``peers`` (2 or more, in place) together; return
     fit's per-epoch history with ``dml_kl`` (mean of :func:`mutual_kl`) for the epochs trained here.
