@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence, Union
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, Sampler
 
@@ -435,6 +434,12 @@ def example_batch(data: Dataset | DataLoader, size: int = 2) -> torch.Tensor:
     return torch.stack([dataset[i][0] for i in range(min(size, len(dataset)))])
 
 
+def _check_logits(weights: Mapping[str, float], student: Features, teacher: Features) -> None:
+    if weights.get("kd", 0) > 0 and student.logits.shape[1:] != teacher.logits.shape[1:]:
+        raise NetslimError(f"kd compares class probabilities, but the teacher gives {tuple(teacher.logits.shape[1:])} "
+                           f"outputs per sample and the student {tuple(student.logits.shape[1:])}")
+
+
 def distill(student: nn.Module, teacher: nn.Module, train_data: Dataset | DataLoader,
             losses: Mapping[str, float] | None = None, layers: LayerSpec = None, config: TrainConfig | None = None, *,
             temperature: float = 4.0, embedding: Sequence[str] | None = None, crd_dim: int = 128,
@@ -478,6 +483,7 @@ def distill(student: nn.Module, teacher: nn.Module, train_data: Dataset | DataLo
     try:
         example = example_batch(train_data).to(device)
         student_example, teacher_example = probe(student, student_source, example), probe(teacher, teacher_source, example)
+        _check_logits(weights, student_example, teacher_example)
         loader, index_source = train_data, None
         if weights.get("crd", 0) > 0 and isinstance(train_data, Dataset) and not is_distributed():
             loader, index_source = indexed_loader(train_data, cfg)
