@@ -121,3 +121,16 @@ def test_greedy_search_reaches_the_target():
 
     apply_plan_(m2, report)
     assert netslim.profile(m2, x, latency=False).params <= before / 2 + 1000  # biases are not decomposed
+
+
+@pytest.mark.parametrize("method", ["spatial", "cp", "tucker2"])
+def test_decomposed_model_exports_to_onnx_and_runs_in_onnxruntime(method):
+    from netslim.export import onnx_bytes, run_onnx
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1)).eval()
+    x = torch.randn(2, 16, 12, 12)
+    report = decompose_(model, x, method, "fixed", 0.25)
+    assert all(p.skipped is None for p in report.layers.values()) and len(report.layers) == 2
+    with torch.no_grad():
+        expected = model(x)
+    torch.testing.assert_close(run_onnx(onnx_bytes(model, x), x), expected, rtol=1e-3, atol=1e-4)
