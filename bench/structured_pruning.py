@@ -137,6 +137,7 @@ def main() -> None:
                                  top1=after, baseline_top1=base_top1, params=sum(q.numel() for q in model.parameters()),
                                  macs=m, size_bytes=None, latency_ms=lat, baseline_latency_ms=base_lat,
                                  notes=f"top-1 before fine-tune {100 * before:.2f}%; MAC reduction {dense_macs / m:.2f}x; {form}"))
+                write_result("structured_pruning", rows, args.out, device=device, details=details)  # survives a stop
             sfp_base = copy.deepcopy(base)
             t0 = time.time()
             sfp = soft_filter_prune(sfp_base, X, train, TrainConfig(epochs=1, lr=0.01, batch_size=64,
