@@ -35,7 +35,10 @@ ROW_KEYS = ("model", "dataset", "method", "tool", "setting", "top1", "baseline_t
 def machine_description() -> str:
     import os
 
-    return f"{platform.node() or 'host'} {platform.machine()} {os.cpu_count()} CPUs, {platform.system()} {platform.release()}"
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    pinned = f" (this process pinned to {usable})" if usable != os.cpu_count() else ""
+    return (f"{platform.node() or 'host'} {platform.machine()} {os.cpu_count()} CPUs{pinned}, "
+            f"{platform.system()} {platform.release()}")
 
 
 def device_description(device: str | torch.device = "cpu") -> str:

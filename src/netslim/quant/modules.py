@@ -33,15 +33,20 @@ class WeightQuant(nn.Module):
     def forward(self, w: Tensor) -> Tensor:
         if self.mode == "float":
             return w
+        if self.mode == "export":
+            return self._export(w)
         scale = _lsq_grad_scale(self.scale, w.numel() / max(self.scale.numel(), 1), self.spec.qmax)
-        wq = fake_quantize(w, scale, self.zero_point, self.spec)
-        if self.mode != "export":
-            return wq
-        # already on the grid: an 8-bit QDQ with the same scale reproduces it exactly for any bits <= 8
+        return fake_quantize(w, scale, self.zero_point, self.spec)
+
+    def _export(self, w: Tensor) -> Tensor:
+        """An 8-bit Q/DQ pair; the exporter first stores the weight already on this (narrower) grid,
+        which the 8-bit pair with the same scale reproduces exactly for any width up to 8."""
+        if self.spec.bits > 8:
+            raise NetslimError(f"ONNX export supports weights of at most 8 bits, not {self.spec.bits}")
         if self.spec.per_channel:
-            return torch.fake_quantize_per_channel_affine(wq, self.scale.detach(), self.zero_point, self.spec.axis,
+            return torch.fake_quantize_per_channel_affine(w, self.scale.detach(), self.zero_point, self.spec.axis,
                                                           -128, 127)
-        return torch.fake_quantize_per_tensor_affine(wq, float(self.scale), int(self.zero_point), -128, 127)
+        return torch.fake_quantize_per_tensor_affine(w, float(self.scale), int(self.zero_point), -128, 127)
 
     def extra_repr(self) -> str:
         return f"bits={self.spec.bits}, per_channel={self.spec.per_channel}"

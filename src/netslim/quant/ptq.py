@@ -1,0 +1,229 @@
+"""Post-training quantization: ``netslim.quant.quantize(model, example_input, calibration, QuantConfig(...))``.
+
+The steps, in order: fold BatchNorm into the layers before it; optionally equalize ranges across
+layers (CLE, Nagel et al. 2019); fake-quantize weights per tensor or per output channel on a min-max
+or MSE range; calibrate activation ranges on a few hundred images with the chosen calibrator
+(min-max, moving average, percentile, MSE, KL as in TensorRT, ACIQ); optionally correct the bias
+shift quantization causes (empirical from the calibration images, or data-free from BatchNorm
+statistics) and learn the rounding of each layer (AdaRound, Nagel et al. 2020).
+"""
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import torch
+from torch import fx, nn
+from torch.nn.utils import parametrize
+
+from ..errors import NetslimError, unknown_choice
+from .calibrate import CALIBRATORS, weight_range
+from .graph import (fold_batchnorm, insert_activation_quantizers, per_layer_fallback, quantizable_layers,
+                    warn_unsupported)
+from .modules import ActQuant, WeightQuant
+from .qspec import QuantSpec, qparams
+
+log = logging.getLogger("netslim.quant")
+
+BIAS_CORRECTIONS = ("none", "empirical", "data_free")
+
+
+@dataclass
+class QuantConfig:
+    """What to quantize and how.
+
+    ``weight_bits`` / ``act_bits``: 2..16 (``act_bits`` 0 leaves activations in float);
+    ``per_channel``: one weight scale per output channel; ``weight_range``: ``minmax`` or ``mse``;
+    ``calibrator``: activation range method (see :data:`CALIBRATORS`); ``layer_bits``: per-layer weight
+    bit widths overriding ``weight_bits`` (mixed precision); ``exclude``: layer names kept in float.
+    """
+
+    weight_bits: int = 8
+    act_bits: int = 8
+    per_channel: bool = True
+    weight_range: str = "minmax"
+    calibrator: str = "minmax"
+    percentile: float = 99.99
+    symmetric_activations: bool = False
+    cle: bool = False
+    relu6_to_relu: bool = False
+    bias_correction: str = "none"
+    adaround: bool = False
+    adaround_iters: int = 1000
+    adaround_samples: int = 256
+    calibration_batches: int | None = None
+    quantize_output: bool = True
+    layer_bits: dict[str, int] = field(default_factory=dict)
+    exclude: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        QuantSpec(self.weight_bits)  # validates the range
+        if self.act_bits:
+            QuantSpec(self.act_bits)
+        for name, bits in self.layer_bits.items():
+            if not isinstance(bits, int) or not 2 <= bits <= 16:
+                raise NetslimError(f"layer_bits[{name!r}] must be an integer in 2..16, got {bits!r}")
+        if self.calibrator not in CALIBRATORS:
+            raise unknown_choice("calibrator", self.calibrator, CALIBRATORS)
+        if self.weight_range not in ("minmax", "mse"):
+            raise unknown_choice("weight range", self.weight_range, ("minmax", "mse"))
+        if self.bias_correction not in BIAS_CORRECTIONS:
+            raise unknown_choice("bias correction", self.bias_correction, BIAS_CORRECTIONS)
+
+    def weight_spec(self, layer_name: str) -> QuantSpec:
+        return QuantSpec(self.layer_bits.get(layer_name, self.weight_bits), symmetric=True,
+                         per_channel=self.per_channel, axis=0)
+
+    def act_spec(self) -> QuantSpec:
+        return QuantSpec(self.act_bits, symmetric=self.symmetric_activations, narrow=False)
+
+
+def check_finite(model: nn.Module) -> None:
+    """A model with NaN or infinite weights cannot be quantized (its ranges are meaningless)."""
+    bad = [n for n, p in model.state_dict().items() if p.is_floating_point() and not torch.isfinite(p).all()]
+    if bad:
+        raise NetslimError(f"cannot quantize: non-finite values (NaN/inf) in {', '.join(bad[:5])}"
+                           f"{' ...' if len(bad) > 5 else ''}; is the model trained?")
+
+
+def prepare(model: nn.Module, example_input: torch.Tensor, config: QuantConfig) -> tuple[nn.Module, dict]:
+    """Folded, traced copy of ``model`` with activation quantizers in place (in ``float`` mode) and no
+    weight quantization yet. Returns it and the folded BatchNorm statistics."""
+    check_finite(model)
+    try:
+        gm, bn_stats = fold_batchnorm(model)
+        traced = True
+    except Exception as exc:  # fx cannot trace data-dependent control flow; fall back, say so
+        warnings.warn(f"torch.fx could not trace the model ({type(exc).__name__}: {str(exc)[:120]}); "
+                      "quantizing per layer, without BatchNorm folding", stacklevel=2)
+        import copy
+        gm, bn_stats, traced = copy.deepcopy(model).eval(), {}, False
+    if config.cle:
+        from .equalize import cross_layer_equalize_
+        cross_layer_equalize_(gm, relu6_to_relu=config.relu6_to_relu)
+    warn_unsupported(gm)
+    if config.act_bits:
+        spec = config.act_spec()
+        options = {"percentile": config.percentile} if config.calibrator == "percentile" else {}
+
+        def make(_name: str) -> ActQuant:
+            return ActQuant(spec, config.calibrator, **options)
+
+        if traced:
+            insert_activation_quantizers(gm, example_input, make, config.quantize_output)
+        else:
+            per_layer_fallback(gm, make, tuple(config.exclude))
+    gm.netslim_traced = traced
+    return gm, bn_stats
+
+
+def quantize_weights_(model: nn.Module, config: QuantConfig) -> dict[str, nn.Module]:
+    """Register a :class:`WeightQuant` parametrization on each conv/linear weight (ranges per config)."""
+    layers = quantizable_layers(model, tuple(config.exclude))
+    for name, layer in layers.items():
+        spec = config.weight_spec(name)
+        lo, hi = weight_range(layer.weight.detach(), spec, config.weight_range)
+        scale, zero_point = qparams(lo, hi, spec)
+        parametrize.register_parametrization(layer, "weight", WeightQuant(spec, scale, zero_point))
+    return layers
+
+
+def set_mode(model: nn.Module, mode: str) -> None:
+    """Switch every quantizer of ``model`` to ``float``, ``observe``, ``quantize`` or ``export``."""
+    for m in model.modules():
+        if isinstance(m, ActQuant):
+            m.set_mode(mode)
+        elif isinstance(m, WeightQuant):
+            m.mode = "float" if mode in ("float", "observe") else mode
+
+
+def activation_quantizers(model: nn.Module) -> list[ActQuant]:
+    return [m for m in model.modules() if isinstance(m, ActQuant)]
+
+
+@torch.no_grad()
+def calibrate_(model: nn.Module, batches: Iterable, max_batches: int | None = None, device: str = "cpu") -> int:
+    """Observe activation ranges on ``batches`` (tensors or (input, target) pairs) with float weights,
+    then fix every activation quantizer's scale and zero point. Returns the number of images seen."""
+    set_mode(model, "observe")
+    seen = 0
+    for i, batch in enumerate(batches):
+        if max_batches is not None and i >= max_batches:
+            break
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        model(x.to(device))
+        seen += len(x)
+    if seen == 0:
+        raise NetslimError("calibration data is empty: give at least one batch of images")
+    for q in activation_quantizers(model):
+        q.finish_calibration()
+    set_mode(model, "quantize")
+    return seen
+
+
+def quantize(model: nn.Module, example_input: torch.Tensor, calibration: Iterable | None,
+             config: QuantConfig | None = None, device: str = "cpu") -> nn.Module:
+    """Post-training quantization of a copy of ``model`` (the original is not changed).
+
+    ``calibration``: an iterable of image batches (a DataLoader), needed unless ``config.act_bits`` is 0
+    and neither empirical bias correction nor AdaRound is asked for. Returns the simulated quantized
+    model in ``quantize`` mode; :func:`netslim.quant.export.to_onnx_qdq` runs it as integers.
+    """
+    config = config or QuantConfig()
+    needs_data = config.act_bits or config.adaround or config.bias_correction == "empirical"
+    if needs_data and calibration is None:
+        raise NetslimError("post-training quantization of activations needs calibration images")
+    qmodel, bn_stats = prepare(model, example_input, config)
+    qmodel.to(device)
+    layers = quantize_weights_(qmodel, config)
+    if config.act_bits:
+        calibrate_(qmodel, calibration, config.calibration_batches, device)
+    set_mode(qmodel, "quantize")
+    if config.bias_correction == "data_free":
+        from .corrections import data_free_bias_correction_
+        data_free_bias_correction_(qmodel, bn_stats)
+    elif config.bias_correction == "empirical":
+        from .corrections import empirical_bias_correction_
+        empirical_bias_correction_(qmodel, calibration, config.calibration_batches, device)
+    if config.adaround:
+        from .corrections import adaround_model_
+        adaround_model_(qmodel, calibration, config.adaround_samples, config.adaround_iters, device)
+    align_biases_(qmodel)
+    log.info("quantized %d layers (%s)", len(layers), "fx graph" if qmodel.netslim_traced else "per layer")
+    return qmodel.eval()
+
+
+def _input_quantizer(node: fx.Node, modules: dict[str, nn.Module]) -> ActQuant | None:
+    from .graph import _is_passthrough
+    while isinstance(node, fx.Node):
+        if node.op == "call_module" and isinstance(modules[node.target], ActQuant):
+            return modules[node.target]
+        if not _is_passthrough(node, modules) or not node.args:
+            return None
+        node = node.args[0]
+    return None
+
+
+@torch.no_grad()
+def align_biases_(model: nn.Module) -> int:
+    """Round each quantized layer's bias to the int32 grid ``s_input * s_weight`` an integer kernel uses
+    (Jacob et al. 2018 §2.4), so that simulation and integer execution add the same bias. Returns the
+    number of biases aligned."""
+    if not isinstance(model, fx.GraphModule):
+        return 0
+    modules = dict(model.named_modules())
+    aligned = 0
+    for node in model.graph.nodes:
+        layer = modules.get(node.target) if node.op == "call_module" else None
+        if layer is None or getattr(layer, "bias", None) is None or not hasattr(layer, "parametrizations"):
+            continue
+        quantizer = layer.parametrizations.weight[0]
+        act = _input_quantizer(node.args[0], modules)
+        if not isinstance(quantizer, WeightQuant) or act is None or act.mode == "float" or not bool(act.calibrated):
+            continue
+        grid = (act.scale.detach() * quantizer.scale.detach()).reshape(-1).expand(layer.bias.shape)
+        layer.bias.copy_(torch.round(layer.bias / grid) * grid)
+        aligned += 1
+    return aligned

@@ -1,0 +1,71 @@
+"""Quantization-aware training: fine-tune a fake-quantized model through the common training loop.
+
+Rounding passes gradients straight through (STE, Bengio et al. 2013; Jacob et al. 2018). On request
+the quantizers' steps learn too: ``lsq`` trains every weight and activation step with LSQ's scaled
+gradient (Esser et al. 2020, "Learned Step Size Quantization"); ``pact`` trains the clipping level of
+every non-negative activation (Choi et al. 2018, "PACT"), with its L2 penalty on the level.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from ..errors import unknown_choice
+from ..train import TrainConfig, TrainHook, fit
+from .modules import ActQuant, WeightQuant
+from .ptq import align_biases_, set_mode
+
+LEARNERS = ("ste", "lsq", "pact")
+
+
+def make_learnable_(model: nn.Module, learn: str = "lsq") -> list[nn.Parameter]:
+    """Turn the quantizers' steps into trainable parameters as ``learn`` says; returns them."""
+    if learn not in LEARNERS:
+        raise unknown_choice("QAT learner", learn, LEARNERS)
+    params = []
+    for m in model.modules():
+        if isinstance(m, ActQuant):
+            nonnegative = not m.spec.symmetric and int(m.zero_point) == 0
+            m.learn = learn if (learn == "lsq" or (learn == "pact" and nonnegative)) else None
+            m.scale.requires_grad_(m.learn is not None)
+        elif isinstance(m, WeightQuant):
+            m.scale.requires_grad_(learn == "lsq")
+        else:
+            continue
+        if m.scale.requires_grad:
+            params.append(m.scale)
+    return params
+
+
+class PactPenalty(TrainHook):
+    """PACT's L2 regularizer on the clipping levels (the paper uses the weight decay's coefficient)."""
+
+    def __init__(self, model: nn.Module, weight: float) -> None:
+        self.levels = [m for m in model.modules() if isinstance(m, ActQuant) and m.learn == "pact"]
+        self.weight = weight
+
+    def loss(self, model, inputs, targets, outputs, loss):
+        if not self.levels or not self.weight:
+            return loss
+        penalty = sum((m.scale * (m.spec.levels - 1)).pow(2) for m in self.levels)
+        return loss + self.weight * penalty
+
+
+def quantization_aware_training(model: nn.Module, train_data, config: TrainConfig | None = None,
+                                learn: str = "lsq", hooks: Iterable[TrainHook] = (), device=None,
+                                progress: bool = True) -> nn.Module:
+    """Fine-tune a quantized ``model`` (from :func:`netslim.quant.quantize`, already calibrated) in place
+    with fake quantization in the forward pass; returns it in ``quantize`` mode."""
+    config = config or TrainConfig(epochs=1, lr=1e-3, amp=False)
+    set_mode(model, "quantize")
+    make_learnable_(model, learn)
+    extra = [PactPenalty(model, config.weight_decay)] if learn == "pact" else []
+    fit(model, train_data, config, hooks=[*extra, *hooks], device=device, progress=progress)
+    for m in model.modules():
+        if isinstance(m, (ActQuant, WeightQuant)):
+            m.scale.data.clamp_(min=torch.finfo(torch.float32).tiny * 2 ** 20)
+            m.scale.requires_grad_(False)
+    align_biases_(model)
+    return model.eval()
