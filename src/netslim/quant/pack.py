@@ -4,7 +4,7 @@ Layout, little-endian::
 
     b"NSQ1"   magic
     u32       header length
-    header    UTF-8 JSON: one entry per tensor (name, kind, shape, bits, byte offset and length)
+    header    zlib-compressed UTF-8 JSON: one entry per tensor (name, kind, shape, bits, byte offset and length)
     payload   the tensors back to back: packed integer codes (8 bits: one per byte; 4 bits: two per
               byte; 2 bits: four per byte; other widths up to 16: a plain bit stream), per-channel
               scales and zero points, and every float tensor (biases, activation scales) raw
@@ -65,6 +65,7 @@ def save_quantized(model: nn.Module, path: str | Path) -> Path:
     """Write the quantized ``model``'s state: quantized weights as packed integers, the rest raw."""
     quantizers = _weight_quantizers(model)
     skip = {f"{n}.parametrizations.weight.original" for n in quantizers}
+    skip |= {f"{n}.parametrizations.weight.0.zero_point" for n, q in quantizers.items() if q.spec.symmetric}
     entries, blobs, offset = [], [], 0
     for name, q in quantizers.items():
         w = model.get_submodule(name).parametrizations.weight.original.detach().cpu()
@@ -89,7 +90,7 @@ def save_quantized(model: nn.Module, path: str | Path) -> Path:
                         "offset": offset, "length": len(blob)})
         blobs.append(blob)
         offset += len(blob)
-    header = json.dumps({"version": 1, "tensors": entries}).encode()
+    header = zlib.compress(json.dumps({"version": 1, "tensors": entries}, separators=(",", ":")).encode(), 9)
     body = MAGIC + struct.pack("<I", len(header)) + header + b"".join(blobs)
     data = body + struct.pack("<I", zlib.crc32(body))
     return atomic_write(path, lambda f: f.write(data))
@@ -108,8 +109,8 @@ def read_quantized(path: str | Path) -> dict[str, torch.Tensor]:
     (hlen,) = struct.unpack("<I", data[4:8])
     _check(8 + hlen <= len(data) - 4, path, "header length")
     try:
-        header = json.loads(data[8: 8 + hlen])
-    except ValueError:
+        header = json.loads(zlib.decompress(data[8: 8 + hlen]))
+    except (ValueError, zlib.error):
         raise NetslimError(f"{path}: corrupt .nsq file (header is not JSON)") from None
     payload = data[8 + hlen: -4]
     _check(isinstance(header, dict) and isinstance(header.get("tensors"), list), path, "header layout")
@@ -138,10 +139,15 @@ def read_quantized(path: str | Path) -> dict[str, torch.Tensor]:
     for e, blob, count in coded:
         spec = QuantSpec(e["bits"], symmetric=bool(e.get("symmetric", True)), per_channel=bool(e.get("per_channel")),
                          narrow=bool(e.get("narrow", True)))
-        _check(e.get("scale") in raw and e.get("zero_point") in raw, path, f"scale of {e['name']}")
+        _check(e.get("scale") in raw, path, f"scale of {e['name']}")
+        scale = raw[e["scale"]]
+        if spec.symmetric:  # zero points of a symmetric grid are 0 and not stored
+            state[e["zero_point"]] = torch.zeros(scale.shape, dtype=torch.int32)
+        _check(e.get("zero_point") in state, path, f"zero point of {e['name']}")
+        _check(scale.numel() in (1, e["shape"][0] if e["shape"] else 1), path, f"scale shape of {e['name']}")
         codes = torch.from_numpy(unpack_codes(blob, spec.bits, spec.qmin, count).reshape(e["shape"]))
         _check(bool(((codes >= spec.qmin) & (codes <= spec.qmax)).all()), path, f"codes of {e['name']}")
-        state[e["name"]] = dequantize(codes, raw[e["scale"]], raw[e["zero_point"]], spec)
+        state[e["name"]] = dequantize(codes, scale, state[e["zero_point"]], spec)
     return state
 
 
