@@ -151,7 +151,11 @@ def _ptq(ctx: StageContext, cfg: QuantizeConfig) -> nn.Module:
         notes.append(f"mixed precision under {cfg.size_budget:.0%} of the {cfg.weight_bits}-bit weight size:\n\n{plan.table()}")
     qmodel = ptq(ctx.model, ctx.example_input, calib, cfg.ptq_config(layer_bits), device=ctx.device)
     make_learnable_(qmodel, cfg.learn)
-    ctx.artifacts.update(input_shape=list(ctx.example_input.shape), layer_bits=layer_bits)
+    from .pack import save_quantized
+    stored = save_quantized(qmodel, ctx.stage_dir / "model.nsq").stat().st_size
+    ctx.artifacts.update(input_shape=list(ctx.example_input.shape), layer_bits=layer_bits, stored_bytes=stored)
     ctx.artifacts["notes"] = "\n\n".join([f"PTQ W{cfg.weight_bits}A{cfg.act_bits} ({cfg.calibrator} calibration, "
-                                          f"{'per-channel' if cfg.per_channel else 'per-tensor'} weights)", *notes])
+                                          f"{'per-channel' if cfg.per_channel else 'per-tensor'} weights); packed weights in model.nsq, "
+                                          f"{stored:,} bytes. Latency here is the float simulation's; the integer model "
+                                          f"runs in onnxruntime (netslim.quant.to_onnx_qdq).", *notes])
     return qmodel
