@@ -43,18 +43,36 @@ def _images(batches: Iterable, limit: int | None, device) -> Iterable[Tensor]:
         yield (batch[0] if isinstance(batch, (tuple, list)) else batch).to(device)
 
 
+def _weight_error_output(layer: nn.Module, x: Tensor) -> Tensor:
+    """``layer``'s output change caused by its weight quantization alone, on input ``x``: (W_q - W) x."""
+    error = layer.weight - layer.parametrizations.weight.original
+    if isinstance(layer, nn.Linear):
+        return F.linear(x, error)
+    return layer._conv_forward(x, error, None)
+
+
 @torch.no_grad()
-def _mean_outputs(model: nn.Module, layers: dict[str, nn.Module], images: list[Tensor]) -> dict[str, Tensor]:
-    """Per-channel mean of each layer's output over all images and positions."""
+def empirical_bias_correction_(model: nn.Module, batches: Iterable, limit: int | None = None,
+                               device="cpu") -> None:
+    """Empirical bias correction (Nagel et al. 2019 §4.2 with E[x] measured): subtract from each layer's
+    bias the per-channel mean of ``(W_q - W) x`` over the calibration images, ``x`` being the layer's
+    input in the quantized model. Each layer removes only the shift its own weights cause; correcting
+    every layer by its whole output shift at once would count an upstream layer's shift again in every
+    layer after it (and diverge when repeated)."""
+    layers = quantized_layers(model)
+    images = list(_images(batches, limit, device))
     sums, counts, hooks = {}, {}, []
 
     def hook(name):
-        def fn(_m, _i, out):
-            dims = [d for d in range(out.dim()) if d != 1]
-            sums[name] = sums.get(name, 0) + out.double().sum(dim=dims)
-            counts[name] = counts.get(name, 0) + out.numel() // out.shape[1]
+        def fn(layer, inputs, _out):
+            shift = _weight_error_output(layer, inputs[0])
+            axis = shift.dim() - 1 if isinstance(layer, nn.Linear) else 1
+            dims = [d for d in range(shift.dim()) if d != axis]
+            sums[name] = sums.get(name, 0) + shift.double().sum(dim=dims)
+            counts[name] = counts.get(name, 0) + shift.numel() // shift.shape[axis]
         return fn
 
+    _mode(model, "quantize")
     for name, layer in layers.items():
         hooks.append(layer.register_forward_hook(hook(name)))
     try:
@@ -63,24 +81,9 @@ def _mean_outputs(model: nn.Module, layers: dict[str, nn.Module], images: list[T
     finally:
         for h in hooks:
             h.remove()
-    return {n: (s / counts[n]).float() for n, s in sums.items()}
-
-
-@torch.no_grad()
-def empirical_bias_correction_(model: nn.Module, batches: Iterable, limit: int | None = None,
-                               device="cpu", rounds: int = 2) -> None:
-    """Subtract from each layer's bias the mean shift of its outputs (per channel) between the quantized
-    and the float model on the calibration images; ``rounds`` passes settle the downstream effects."""
-    layers = quantized_layers(model)
-    images = list(_images(batches, limit, device))
-    _mode(model, "float")
-    reference = _mean_outputs(model, layers, images)
-    for _ in range(rounds):
-        _mode(model, "quantize")
-        current = _mean_outputs(model, layers, images)
-        for name, layer in layers.items():
-            _ensure_bias(layer).sub_(current[name] - reference[name])
-    _mode(model, "quantize")
+    for name, layer in layers.items():
+        if name in sums:
+            _ensure_bias(layer).sub_((sums[name] / counts[name]).float())
 
 
 @torch.no_grad()

@@ -65,7 +65,14 @@ def quantization_aware_training(model: nn.Module, train_data, config: TrainConfi
     fit(model, train_data, config, hooks=[*extra, *hooks], device=device, progress=progress)
     for m in model.modules():
         if isinstance(m, (ActQuant, WeightQuant)):
-            m.scale.data.clamp_(min=torch.finfo(torch.float32).tiny * 2 ** 20)
+            # a step trained through zero is the same grid mirrored: (q - z) s == (q' - z') |s| with
+            # z' = qmin + qmax - z (on a narrow symmetric grid z' = z = 0, so |s| alone); clamping it to
+            # ~0 instead would zero the tensor and overflow the int32 bias of the integer kernel
+            negative = m.scale.data < 0
+            if not m.spec.symmetric and bool(negative.any()):
+                mirrored = m.spec.qmin + m.spec.qmax - m.zero_point
+                m.zero_point = torch.where(negative.reshape(m.zero_point.shape), mirrored, m.zero_point)
+            m.scale.data.abs_().clamp_(min=torch.finfo(torch.float32).tiny * 2 ** 20)
             m.scale.requires_grad_(False)
     align_biases_(model)
     return model.eval()
