@@ -8,6 +8,7 @@ Layout, little-endian::
     payload   the tensors back to back: packed integer codes (8 bits: one per byte; 4 bits: two per
               byte; 2 bits: four per byte; other widths up to 16: a plain bit stream), per-channel
               scales and zero points, and every float tensor (biases, activation scales) raw
+              (float16 where that is exact: weight steps are chosen float16-representable)
     u32       crc32 of every byte before it
 
 Every header field is bounds-checked on load; a truncated or altered file is refused with a
@@ -82,12 +83,20 @@ def save_quantized(model: nn.Module, path: str | Path) -> Path:
         if name in skip:
             continue
         arr = t.detach().cpu().numpy()
+        if arr.dtype == np.float32 and arr.size and np.array_equal(arr.astype(np.float16).astype(np.float32), arr):
+            arr = arr.astype(np.float16)  # exact: such steps are chosen float16-representable
+            entries_dtype = "float32"
+        else:
+            entries_dtype = None
         dtype = {np.dtype(v): k for k, v in FLOAT_DTYPES.items()}.get(arr.dtype)
         if dtype is None:
             raise NetslimError(f"cannot store tensor {name} of dtype {arr.dtype}")
         blob = np.ascontiguousarray(arr).tobytes()
-        entries.append({"name": name, "kind": "raw", "dtype": dtype, "shape": list(arr.shape),
-                        "offset": offset, "length": len(blob)})
+        entry = {"name": name, "kind": "raw", "dtype": dtype, "shape": list(arr.shape), "offset": offset,
+                 "length": len(blob)}
+        if entries_dtype:
+            entry["as"] = entries_dtype
+        entries.append(entry)
         blobs.append(blob)
         offset += len(blob)
     header = zlib.compress(json.dumps({"version": 1, "tensors": entries}, separators=(",", ":")).encode(), 9)
@@ -129,7 +138,11 @@ def read_quantized(path: str | Path) -> dict[str, torch.Tensor]:
             _check(e.get("dtype") in FLOAT_DTYPES, path, f"dtype of {e['name']}")
             dtype = np.dtype(FLOAT_DTYPES[e["dtype"]])
             _check(length == count * dtype.itemsize, path, f"length of {e['name']}")
-            raw[e["name"]] = torch.from_numpy(np.frombuffer(blob, dtype=dtype).copy().reshape(shape))
+            arr = np.frombuffer(blob, dtype=dtype).copy().reshape(shape)
+            if e.get("as") is not None:
+                _check(e["as"] == "float32" and dtype == np.float16, path, f"widening of {e['name']}")
+                arr = arr.astype(np.float32)
+            raw[e["name"]] = torch.from_numpy(arr)
         else:
             _check(e.get("kind") == "codes" and isinstance(e.get("bits"), int) and 2 <= e["bits"] <= 16,
                    path, f"kind or bits of {e['name']}")

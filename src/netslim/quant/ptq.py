@@ -126,8 +126,17 @@ def quantize_weights_(model: nn.Module, config: QuantConfig) -> dict[str, nn.Mod
         spec = config.weight_spec(name)
         lo, hi = weight_range(layer.weight.detach(), spec, config.weight_range)
         scale, zero_point = qparams(lo, hi, spec)
+        scale = half_representable(scale)
         parametrize.register_parametrization(layer, "weight", WeightQuant(spec, scale, zero_point))
     return layers
+
+
+def half_representable(scale: torch.Tensor) -> torch.Tensor:
+    """The smallest float16-representable step >= ``scale`` (the range still fits), so that the packed
+    file stores per-channel weight steps in 2 bytes without changing a single quantized value."""
+    half = scale.clamp(min=2.0 ** -24, max=65504.0).half()
+    up = torch.where(half.float() < scale, torch.nextafter(half, torch.full_like(half, float("inf"))), half)
+    return up.float()
 
 
 def set_mode(model: nn.Module, mode: str) -> None:
@@ -224,6 +233,7 @@ def align_biases_(model: nn.Module) -> int:
         if not isinstance(quantizer, WeightQuant) or act is None or act.mode == "float" or not bool(act.calibrated):
             continue
         grid = (act.scale.detach() * quantizer.scale.detach()).reshape(-1).expand(layer.bias.shape)
-        layer.bias.copy_(torch.round(layer.bias / grid) * grid)
+        codes = torch.round(layer.bias / grid).clamp(-(2 ** 31), 2 ** 31 - 1)  # int32, as the kernel stores it
+        layer.bias.copy_(codes * grid)
         aligned += 1
     return aligned
