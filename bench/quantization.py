@@ -244,6 +244,24 @@ def measure_latency(name, bench, model, ao, fp32, qdq, ort_int8) -> None:
     write_result("quantization", bench.rows, bench.args.out, device=bench.device, details=bench.details)
 
 
+def measure_sizes(args, calib: list[torch.Tensor]) -> None:
+    """Stored bytes of the W8 and W4 ``.nsq`` files, written into the existing result's details."""
+    path = Path(args.out) / "quantization.json"
+    doc = json.loads(path.read_text())
+    loader = [(x, None) for x in calib]
+    for name in args.models.split(","):
+        model = zoo.get(name, weights="shared").eval()
+        sizes = {"params": sum(p.numel() for p in model.parameters())}
+        with tempfile.TemporaryDirectory() as d:
+            for label, cfg in (("W8 .nsq", QuantConfig()), ("W4 .nsq", QuantConfig(weight_bits=4, weight_range="mse"))):
+                sizes[label] = save_quantized(quantize(model, X, loader, cfg), Path(d) / "m.nsq").stat().st_size
+        sizes["W8 / params"] = round(sizes["W8 .nsq"] / sizes["params"], 4)
+        doc["details"]["stored_bytes"][name] = {**doc["details"]["stored_bytes"].get(name, {}), **sizes}
+        print(name, sizes, flush=True)
+    doc["details"]["stored_bytes_command"] = " ".join(["python", *__import__("sys").argv])
+    write_result("quantization", doc["rows"], args.out, device="cpu", command=doc["command"], details=doc["details"])
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default="resnet20,resnet56,vgg16,mobilenetv2")
@@ -256,6 +274,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--merge", action="store_true", help="keep the rows of models not run this time")
+    p.add_argument("--sizes-only", action="store_true",
+                   help="only re-measure the .nsq sizes (W8 minmax, W4 mse, per-channel) into the existing JSON")
     p.add_argument("--out", default="bench/results")
     args = p.parse_args()
     torch.manual_seed(0)
@@ -267,6 +287,8 @@ def main() -> None:
     picks = torch.randperm(len(plain), generator=torch.Generator().manual_seed(1))[: args.calibration_images].tolist()
     calib = list(torch.stack([plain[i][0] for i in picks]).split(64))
     train = nsdata.get("cifar10", "train", augment=True)
+    if args.sizes_only:
+        return measure_sizes(args, calib)
     bench = Bench(args, "cpu")
     bench.details["form"] = (f"CPU: top-1 on {len(test_images):,} test images (fixed random subset); "
                              f"{args.calibration_images} calibration images from the training set for every tool; "
