@@ -123,6 +123,7 @@ class Bench:
     def __init__(self, args, device: str) -> None:
         self.args, self.device = args, device
         self.rows: list[dict] = []
+        self.command: str | None = None  # the original run's command when a rerun replaces some rows
         self.details: dict = {"latency_ms": {}, "stored_bytes": {}, "sim_vs_ort": {}, "seconds": {}}
         path = Path(args.out) / "quantization.json"
         if args.merge and path.is_file():
@@ -140,7 +141,44 @@ class Bench:
         self.rows.append(dict(model=model, dataset="cifar10", method=method, tool=tool, setting=setting,
                               top1=top1 / 100, baseline_top1=base / 100, notes=notes, **extra))
         print(f"{model:12} {tool:13} {method:42} top1 {top1:6.2f}  ({top1 - base:+.2f})", flush=True)
-        write_result("quantization", self.rows, self.args.out, device=self.device, details=self.details)
+        write_result("quantization", self.rows, self.args.out, device=self.device, details=self.details,
+                     command=self.command)
+
+
+def qat_row(name, bench, model, train, loader, test_images, test_labels, base, params) -> None:
+    """W4A4 (MSE ranges) followed by a short LSQ quantization-aware training."""
+    args = bench.args
+    w4a4 = quantize(model, X, loader, QuantConfig(weight_bits=4, act_bits=4, weight_range="mse", calibrator="mse"))
+    before = top1_torch(w4a4, test_images, test_labels)
+    t0 = time.time()
+    quantization_aware_training(w4a4, train, TrainConfig(epochs=1, lr=args.qat_lr, batch_size=64, amp=False,
+                                                         max_steps_per_epoch=args.qat_steps, weight_decay=0),
+                                learn="lsq", progress=False, device="cpu")
+    bench.details["seconds"][f"{name} W4A4 QAT"] = round(time.time() - t0, 1)
+    bench.add(name, "W4A4 per-channel mse + QAT (LSQ)", "netslim",
+              {"weight_bits": 4, "act_bits": 4, "qat_steps": args.qat_steps, "batch_size": 64, "lr": args.qat_lr},
+              top1_torch(w4a4.eval(), test_images, test_labels), base, params=params,
+              notes=f"top-1 before QAT {before:.2f}")
+
+
+def rerun_qat(args, calib, test_images, test_labels) -> None:
+    """Replace the W4A4 QAT rows of ``args.models`` in the existing result (the other rows stay)."""
+    path = Path(args.out) / "quantization.json"
+    doc = json.loads(path.read_text())
+    bench = Bench(args, "cpu")
+    bench.rows, bench.details, bench.command = list(doc["rows"]), doc["details"], doc["command"]
+    train = nsdata.get("cifar10", "train", augment=True)
+    bench.details["form"] += (f"; the W4A4 QAT rows of {args.models} were rerun with {args.qat_steps} steps "
+                              f"(details.qat_reruns; each row's setting says its steps)")
+    for name in args.models.split(","):
+        old = [r for r in bench.rows if r["model"] == name and r["method"].startswith("W4A4")]
+        fp32 = next(r for r in bench.rows if r["model"] == name and r["method"] == "fp32")
+        for r in old:
+            bench.rows.remove(r)
+        bench.details.setdefault("qat_reruns", {})[name] = " ".join(["python", *__import__("sys").argv])
+        model = zoo.get(name, weights="shared").eval()
+        qat_row(name, bench, model, train, [(x, None) for x in calib], test_images, test_labels,
+                100 * fp32["top1"], fp32["params"])
 
 
 def run_model(name: str, bench: Bench, train, test_images, test_labels, calib: list[torch.Tensor]) -> None:
@@ -174,17 +212,7 @@ def run_model(name: str, bench: Bench, train, test_images, test_labels, calib: l
     w4 = ptq("W4A8 per-channel mse (round to nearest)", QuantConfig(weight_bits=4, weight_range="mse", calibrator="mse"))
     ptq("W4A8 per-channel mse + AdaRound", QuantConfig(weight_bits=4, weight_range="mse", calibrator="mse", adaround=True,
                                                        adaround_iters=args.adaround_iters))
-    w4a4 = quantize(model, X, loader, QuantConfig(weight_bits=4, act_bits=4, weight_range="mse", calibrator="mse"))
-    before = top1_torch(w4a4, test_images, test_labels)
-    t0 = time.time()
-    quantization_aware_training(w4a4, train, TrainConfig(epochs=1, lr=args.qat_lr, batch_size=64, amp=False,
-                                                         max_steps_per_epoch=args.qat_steps, weight_decay=0),
-                                learn="lsq", progress=False, device="cpu")
-    bench.details["seconds"][f"{name} W4A4 QAT"] = round(time.time() - t0, 1)
-    bench.add(name, "W4A4 per-channel mse + QAT (LSQ)", "netslim",
-              {"weight_bits": 4, "act_bits": 4, "qat_steps": args.qat_steps, "batch_size": 64, "lr": args.qat_lr},
-              top1_torch(w4a4.eval(), test_images, test_labels), base, params=params,
-              notes=f"top-1 before QAT {before:.2f}")
+    qat_row(name, bench, model, train, loader, test_images, test_labels, base, params)
 
     # integer execution of netslim's model, and the peers
     qdq = onnx_qdq_bytes(w8, X)
@@ -274,6 +302,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--merge", action="store_true", help="keep the rows of models not run this time")
+    p.add_argument("--qat-only", action="store_true",
+                   help="only rerun the W4A4 QAT row of --models (e.g. with more --qat-steps), replacing it in the JSON")
     p.add_argument("--sizes-only", action="store_true",
                    help="only re-measure the .nsq sizes (W8 minmax, W4 mse, per-channel) into the existing JSON")
     p.add_argument("--out", default="bench/results")
@@ -289,6 +319,8 @@ def main() -> None:
     train = nsdata.get("cifar10", "train", augment=True)
     if args.sizes_only:
         return measure_sizes(args, calib)
+    if args.qat_only:
+        return rerun_qat(args, calib, test_images, test_labels)
     bench = Bench(args, "cpu")
     bench.details["form"] = (f"CPU: top-1 on {len(test_images):,} test images (fixed random subset); "
                              f"{args.calibration_images} calibration images from the training set for every tool; "

@@ -9,6 +9,7 @@ statistics) and learn the rounding of each layer (AdaRound, Nagel et al. 2020).
 """
 from __future__ import annotations
 
+import copy
 import logging
 import warnings
 from dataclasses import dataclass, field
@@ -98,7 +99,6 @@ def prepare(model: nn.Module, example_input: torch.Tensor, config: QuantConfig) 
     except Exception as exc:  # fx cannot trace data-dependent control flow; fall back, say so
         warnings.warn(f"torch.fx could not trace the model ({type(exc).__name__}: {str(exc)[:120]}); "
                       "quantizing per layer, without BatchNorm folding", stacklevel=2)
-        import copy
         gm, bn_stats, traced = copy.deepcopy(model).eval(), {}, False
     if config.cle:
         from .equalize import cross_layer_equalize_
