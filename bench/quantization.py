@@ -145,7 +145,7 @@ class Bench:
                      command=self.command)
 
 
-def qat_row(name, bench, model, train, loader, test_images, test_labels, base, params) -> None:
+def qat_row(name, bench, model, train, loader, test_images, test_labels, base, params, label: str = "") -> None:
     """W4A4 (MSE ranges) followed by a short LSQ quantization-aware training."""
     args = bench.args
     w4a4 = quantize(model, X, loader, QuantConfig(weight_bits=4, act_bits=4, weight_range="mse", calibrator="mse"))
@@ -155,30 +155,27 @@ def qat_row(name, bench, model, train, loader, test_images, test_labels, base, p
                                                          max_steps_per_epoch=args.qat_steps, weight_decay=0),
                                 learn="lsq", progress=False, device="cpu")
     bench.details["seconds"][f"{name} W4A4 QAT"] = round(time.time() - t0, 1)
-    bench.add(name, "W4A4 per-channel mse + QAT (LSQ)", "netslim",
+    bench.add(name, f"W4A4 per-channel mse + QAT (LSQ{label})", "netslim",
               {"weight_bits": 4, "act_bits": 4, "qat_steps": args.qat_steps, "batch_size": 64, "lr": args.qat_lr},
               top1_torch(w4a4.eval(), test_images, test_labels), base, params=params,
               notes=f"top-1 before QAT {before:.2f}")
 
 
 def rerun_qat(args, calib, test_images, test_labels) -> None:
-    """Replace the W4A4 QAT rows of ``args.models`` in the existing result (the other rows stay)."""
+    """Add W4A4 QAT rows (labelled with their steps) for ``args.models`` to the existing result."""
     path = Path(args.out) / "quantization.json"
     doc = json.loads(path.read_text())
     bench = Bench(args, "cpu")
     bench.rows, bench.details, bench.command = list(doc["rows"]), doc["details"], doc["command"]
     train = nsdata.get("cifar10", "train", augment=True)
-    bench.details["form"] += (f"; the W4A4 QAT rows of {args.models} were rerun with {args.qat_steps} steps "
-                              f"(details.qat_reruns; each row's setting says its steps)")
+    bench.details["form"] += (f"; W4A4 QAT rows of {args.models} added with {args.qat_steps} steps "
+                              f"(details.qat_reruns; each row's method and setting say its steps)")
     for name in args.models.split(","):
-        old = [r for r in bench.rows if r["model"] == name and r["method"].startswith("W4A4")]
         fp32 = next(r for r in bench.rows if r["model"] == name and r["method"] == "fp32")
-        for r in old:
-            bench.rows.remove(r)
         bench.details.setdefault("qat_reruns", {})[name] = " ".join(["python", *__import__("sys").argv])
         model = zoo.get(name, weights="shared").eval()
         qat_row(name, bench, model, train, [(x, None) for x in calib], test_images, test_labels,
-                100 * fp32["top1"], fp32["params"])
+                100 * fp32["top1"], fp32["params"], label=f", {args.qat_steps} steps")
 
 
 def run_model(name: str, bench: Bench, train, test_images, test_labels, calib: list[torch.Tensor]) -> None:
@@ -303,7 +300,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--merge", action="store_true", help="keep the rows of models not run this time")
     p.add_argument("--qat-only", action="store_true",
-                   help="only rerun the W4A4 QAT row of --models (e.g. with more --qat-steps), replacing it in the JSON")
+                   help="only add W4A4 QAT rows for --models (e.g. with more --qat-steps) to the existing JSON")
     p.add_argument("--sizes-only", action="store_true",
                    help="only re-measure the .nsq sizes (W8 minmax, W4 mse, per-channel) into the existing JSON")
     p.add_argument("--out", default="bench/results")
