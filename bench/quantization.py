@@ -28,14 +28,12 @@ import time
 import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Subset
 
 from netslim import data as nsdata
 from netslim import zoo
-from netslim.export import onnx_bytes
+from netslim.profile.latency import measure_latency as profile_latency
 from netslim.quant import CALIBRATORS, QuantConfig, quantization_aware_training, quantize, save_quantized
 from netslim.quant.export import onnx_qdq_bytes, ort_latency_ms, ort_run, ort_session
 from netslim.report import write_result
@@ -57,15 +55,7 @@ def top1_ort(session, images: torch.Tensor, labels: torch.Tensor) -> float:
 
 
 def torch_latency_ms(model: nn.Module, x: torch.Tensor, repeats: int = 20, warmup: int = 3) -> float:
-    with torch.no_grad():
-        for _ in range(warmup):
-            model(x)
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            model(x)
-            times.append(time.perf_counter() - t0)
-    return 1000 * float(np.median(times))
+    return profile_latency(model, x, batch_sizes=(len(x),), warmup=warmup, repeats=repeats)[len(x)]
 
 
 def torch_ao_ptq(model: nn.Module, calibration: list[torch.Tensor]) -> nn.Module:

@@ -33,5 +33,32 @@ def _small_threads():
 
 
 @pytest.fixture()
+def one_thread():
+    """One torch thread for tests of tiny tensors (faster than two, never oversubscribes); restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture()
+def torchrun(tmp_path):
+    """``torchrun(script_text, *args)``: run a script in 2 CPU processes (gloo, one thread each) and
+    return the finished process; a non-zero exit fails the test with the end of its stderr."""
+    import subprocess
+
+    def run(script_text: str, *args: str, timeout: int = 240):
+        script = tmp_path / "torchrun_script.py"
+        script.write_text(script_text)
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                               str(script), *args], capture_output=True, text=True, env=env, timeout=timeout)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc
+
+    return run
+
+
+@pytest.fixture()
 def python() -> str:
     return sys.executable

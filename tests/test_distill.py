@@ -1,9 +1,6 @@
 import json
 import math
-import os
 import re
-import subprocess
-import sys
 import textwrap
 from collections import OrderedDict
 
@@ -331,13 +328,8 @@ CODISTILL_SCRIPT = textwrap.dedent('''
 ''')
 
 
-def test_codistillation_across_two_ddp_workers(tmp_path):
-    script = tmp_path / "codistill.py"
-    script.write_text(CODISTILL_SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(script)], capture_output=True, text=True, env=env, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def test_codistillation_across_two_ddp_workers(torchrun):
+    proc = torchrun(CODISTILL_SCRIPT)
     pattern = (r"RANK(\d) first_kl=([0-9.]+) last_kl=([0-9.]+) gap=([0-9.-]+) differ=(\d) acc=([0-9.]+) "
                r"agree_before=([0-9.]+) agree_after=([0-9.]+) adapters_equal=(\d) students_equal=(\d)")
     records = re.findall(pattern, proc.stdout)  # the two processes share stdout: parse records, not lines

@@ -18,13 +18,7 @@ from netslim.quant.qspec import QuantSpec, fake_quantize, qparams
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-@pytest.fixture(autouse=True)
-def _small_threads():
-    """Overrides conftest's: these tensors are tiny, one thread is fastest (and never oversubscribes)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one thread is fastest
 
 
 class SmallNet(nn.Module):

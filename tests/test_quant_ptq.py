@@ -34,13 +34,7 @@ CALIB_IMAGES = 128
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-@pytest.fixture(autouse=True)
-def _small_threads():
-    """Overrides conftest's: one thread (these tests run pinned to one core)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one thread is fastest
 
 
 @pytest.fixture(scope="module", autouse=True)

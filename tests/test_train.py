@@ -1,6 +1,3 @@
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -128,14 +125,8 @@ DDP_SCRIPT = textwrap.dedent('''
 ''')
 
 
-def test_ddp_two_cpu_processes_on_gloo(tmp_path):
-    script = tmp_path / "ddp_train.py"
-    script.write_text(DDP_SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(script), str(tmp_path / "ddp.ckpt")], capture_output=True, text=True, env=env,
-                          timeout=240)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def test_ddp_two_cpu_processes_on_gloo(tmp_path, torchrun):
+    proc = torchrun(DDP_SCRIPT, str(tmp_path / "ddp.ckpt"))
     import re
 
     # the two processes share stdout, so their lines may interleave: parse the records, not lines
