@@ -4,14 +4,16 @@ For each model and MAC target: netslim's methods (spatial SVD, Tucker-2, CP) wit
 (uniform fixed fraction, energy, greedy target search on measured sensitivity; VBMF is one-shot
 and reported at the reduction it picks), side by side with TensorLy-Torch's factorized
 convolutions (``tltorch.FactorizedConv``, implementation "factorized" and "reconstructed") at the
-same MAC target. Reported: MACs, params, top-1 before fine-tuning, top-1 after the same short
-fine-tune (the best netslim config and the best peer config of each target), CPU latency at batch
-1 and 64 measured in the same run as the dense model.
+same MAC target. Every netslim model is then refit
+on a few hundred training images (asymmetric reconstruction, :func:`netslim.lowrank.refit_`).
+Reported: MACs, params, top-1 as decomposed, after the refit, and after the same short fine-tune with
+KD from the dense model (the best netslim config and the best peer config of each target), CPU
+latency at batch 1 and 64 measured in the same run as the dense model.
 
 The GPU form fine-tunes for epochs; without a GPU (this file's default) the CPU form evaluates on
 a fixed random subset of the test set and fine-tunes for a few hundred steps. The JSON says which.
 
-    .venv/bin/python bench/lowrank.py [--models vgg16,resnet56] [--test-images 2000] [--ft-steps 150]
+    .venv/bin/python bench/lowrank.py [--models vgg16,resnet56] [--targets 2,3] [--test-images 2000] [--ft-steps 150] [--merge]
 """
 from __future__ import annotations
 
@@ -30,10 +32,11 @@ from torch.utils.data import Subset
 import netslim
 from netslim import data as nsdata
 from netslim import zoo
-from netslim.lowrank import apply_plan_, greedy_rank_search, plan_decomposition
+from netslim.distill import distill
+from netslim.lowrank import apply_plan_, greedy_rank_search, plan_decomposition, refit_
 from netslim.report import write_result
 from netslim.surgery import replace_module_
-from netslim.train import TrainConfig, evaluate, fit
+from netslim.train import TrainConfig, evaluate
 
 X = torch.randn(1, 3, 32, 32)
 ALS_ITERS = 100 if torch.cuda.is_available() else 15  # CP-ALS / Tucker-HOOI iterations (CPU form: fewer)
@@ -107,18 +110,86 @@ def tltorch_at_target(base, factorization, goal):
     return {"factorized": (got[0], factorized), "reconstructed": (got[0], reconstructed)}
 
 
-def previous_rows(path: Path, rerun: set[str], details: dict) -> tuple[list[dict], dict]:
-    """Rows and config details of models that are not being rerun, from an earlier result file."""
+def previous_rows(path: Path, rerun: dict[str, set[float]], details: dict) -> tuple[list[dict], dict]:
+    """Rows and config details of (model, MAC target) pairs that are not being rerun, from an earlier
+    result file. A rerun model's dense row is replaced too (it is measured again in this run)."""
     if not path.exists():
         return [], details
+
+    def kept(model: str, target: float | None) -> bool:
+        return model not in rerun or (target is not None and target not in rerun[model])
+
     doc = json.loads(path.read_text())
-    rows = [r for r in doc["rows"] if r["model"] not in rerun]
-    configs = {k: v for k, v in doc.get("details", {}).get("configs", {}).items() if k.split("@")[0] not in rerun}
+    rows = [r for r in doc["rows"] if kept(r["model"], r["setting"].get("mac_target"))]
+    configs = {k: v for k, v in doc.get("details", {}).get("configs", {}).items()
+               if "@" not in k or kept(k.split("@")[0], float(k.split("@")[1].split("x")[0]))}
     return rows, {**details, "configs": configs}
 
 
 def latency(model) -> dict[int, float]:
     return netslim.profile(model, X, batch_sizes=(1, 64), repeats=15, warmup=3).latency_ms
+
+
+def decomposed_layers(model: nn.Module, base: nn.Module) -> list[str]:
+    """Names (forward order) of the layers of ``base`` that ``model`` holds as a decomposed Sequential."""
+    original = dict(base.named_modules())
+    return [n for n, m in model.named_modules()
+            if n and isinstance(m, nn.Sequential) and n in original and not isinstance(original[n], nn.Sequential)]
+
+
+def fine_tune(model: nn.Module, base: nn.Module, train, steps: int, lr: float, device: str) -> None:
+    """The same short fine-tune for every model: KD from the dense model (Hinton 2015, weight 0.9, T = 4)."""
+    distill(model, base, train, {"kd": 0.9},
+            config=TrainConfig(epochs=1, lr=lr, max_steps_per_epoch=steps, weight_decay=5e-4),
+            device=device, progress=False)
+
+
+def netslim_candidates(base, dense_macs: int, goal: int, t: float, held, device: str, details: dict, name: str) -> dict:
+    """netslim's methods and rank selectors at the MAC goal: {(method, selector, tool): (knob, model)}."""
+    candidates = {}
+    for method in ("spatial", "tucker2", "cp"):  # a CP rank may exceed max(N, C): fractions up to 4
+        got = netslim_plan(base, method, "fixed", dense_macs, goal, 0.01, 4.0 if method == "cp" else 1.0)
+        if got:
+            candidates[(method, "fixed uniform", "netslim")] = got
+    got = netslim_plan(base, "spatial", "energy", dense_macs, goal, 0.3, 1.0)
+    if got:
+        candidates[("spatial", "energy", "netslim")] = got
+    t0 = time.time()
+    report, _ = greedy_rank_search(base, X, held, t, "macs", "spatial", progress=False, device=device)
+    greedy = copy.deepcopy(base)
+    apply_plan_(greedy, report)
+    candidates[("spatial", "greedy target", "netslim")] = (None, greedy)
+    details["configs"][f"{name}@{t:g}x greedy search s"] = time.time() - t0
+    return candidates
+
+
+def vbmf_rows(base, name: str, dense_macs: int, base_top1: float, base_lat: dict, test, refit_images, form: str,
+              device: str) -> list[dict]:
+    """One-shot VBMF ranks (Kim 2016) for spatial and Tucker-2: reported at the MAC reduction they pick."""
+    rows = []
+    for method in ("spatial", "tucker2"):
+        model = copy.deepcopy(base)
+        report = plan_decomposition(model, X, method, "vbmf")
+        if all(p.skipped for p in report.layers.values()):
+            continue
+        apply_plan_(model, report, iters=ALS_ITERS)
+        model.eval()
+        raw = evaluate(model, test, device=device)["top1"]
+        top1 = raw
+        if refit_images is not None:
+            refit_(model, base, refit_images, decomposed_layers(model, base))
+            top1 = evaluate(model, test, device=device)["top1"]
+        m, lat = macs(model), latency(model)
+        print(f"{name} vbmf {method:8} MACs {dense_macs / m:.2f}x top1 {100 * raw:.2f} refit {100 * top1:.2f} "
+              f"speed-up {base_lat[1] / lat[1]:.2f}x / {base_lat[64] / lat[64]:.2f}x", flush=True)
+        rows.append(dict(model=name, dataset="cifar10", method=f"{method} / vbmf", tool="netslim",
+                         setting={"mac_target": None, "fine_tune_steps": 0, "top1_decomposed": raw,
+                                  "top1_before_fine_tune": top1, "refit_images": len(refit_images) if refit_images is not None else 0},
+                         top1=top1, baseline_top1=base_top1, params=sum(q.numel() for q in model.parameters()), macs=m,
+                         size_bytes=None, latency_ms=lat, baseline_latency_ms=base_lat,
+                         notes=f"one-shot VBMF ranks; top-1 decomposed {100 * raw:.2f}%, after refit {100 * top1:.2f}%, "
+                               f"not fine-tuned; MAC reduction {dense_macs / m:.2f}x; {form}"))
+    return rows
 
 
 def main() -> None:
@@ -127,10 +198,13 @@ def main() -> None:
     p.add_argument("--targets", default="2,3")
     p.add_argument("--test-images", type=int, default=2000)
     p.add_argument("--ft-steps", type=int, default=150)
+    p.add_argument("--ft-lr", type=float, default=0.002)
     p.add_argument("--search-images", type=int, default=500)
+    p.add_argument("--refit-images", type=int, default=256,
+                   help="training images for netslim's data-aware refit of each decomposed layer (0: off)")
     p.add_argument("--out", default="bench/results")
     p.add_argument("--merge", action="store_true",
-                   help="keep the rows (and details) of models not run now from the existing JSON")
+                   help="keep the rows (and details) of the (model, target) pairs not run now from the existing JSON")
     args = p.parse_args()
     logging.getLogger("netslim.lowrank").setLevel(logging.ERROR)  # bisection probes many skipped layers
     warnings.filterwarnings("ignore", message="Trying to compute SVD")  # TensorLy's SVD-init notices
@@ -139,12 +213,19 @@ def main() -> None:
     order = torch.randperm(len(test_full), generator=torch.Generator().manual_seed(0))
     test = Subset(test_full, sorted(order[: args.test_images].tolist())) if args.test_images < len(test_full) else test_full
     train = nsdata.get("cifar10", "train", augment=True)
-    held = Subset(nsdata.get("cifar10", "train"), torch.randperm(50_000, generator=torch.Generator().manual_seed(1))[: args.search_images].tolist())
-    form = (f"{'GPU' if device == 'cuda' else 'CPU'} form: top-1 on {len(test):,} test images; fine-tune "
-            f"{args.ft_steps} steps of batch 128 (SGD lr 0.01 cosine); CP-ALS / Tucker-HOOI {ALS_ITERS} iterations")
+    plain = nsdata.get("cifar10", "train")
+    held = Subset(plain, torch.randperm(50_000, generator=torch.Generator().manual_seed(1))[: args.search_images].tolist())
+    refit_images = torch.stack([plain[i][0] for i in
+                                torch.randperm(50_000, generator=torch.Generator().manual_seed(2))[: args.refit_images].tolist()]) \
+        if args.refit_images else None
+    form = (f"{'GPU' if device == 'cuda' else 'CPU'} form: top-1 on {len(test):,} test images; netslim rows refit on "
+            f"{args.refit_images} training images; fine-tune {args.ft_steps} steps of batch 128 with KD from the dense "
+            f"model (SGD lr {args.ft_lr:g} cosine) for the best row of each tool; CP-ALS / Tucker-HOOI {ALS_ITERS} iterations")
+    targets = [float(v) for v in args.targets.split(",")]
     rows, details = [], {"form": form, "configs": {}}
     if args.merge:
-        rows, details = previous_rows(Path(args.out) / "lowrank.json", set(args.models.split(",")), details)
+        rows, details = previous_rows(Path(args.out) / "lowrank.json",
+                                      {m: set(targets) for m in args.models.split(",")}, details)
     for name in args.models.split(","):
         base = zoo.get(name, weights="shared").eval()
         dense_macs = macs(base)
@@ -153,22 +234,11 @@ def main() -> None:
         rows.append(dict(model=name, dataset="cifar10", method="dense", tool="netslim", setting={}, top1=base_top1,
                          baseline_top1=base_top1, params=sum(q.numel() for q in base.parameters()), macs=dense_macs,
                          size_bytes=None, latency_ms=base_lat, baseline_latency_ms=base_lat, notes=form))
-        for t in (float(v) for v in args.targets.split(",")):
+        rows.extend(vbmf_rows(base, name, dense_macs, base_top1, base_lat, test, refit_images, form, device))
+        write_result("lowrank", rows, args.out, device=device, details=details)
+        for t in targets:
             goal = int(dense_macs / t)
-            candidates = {}
-            for method in ("spatial", "tucker2", "cp"):
-                got = netslim_plan(base, method, "fixed", dense_macs, goal, 0.01, 1.0)
-                if got:
-                    candidates[(method, "fixed uniform", "netslim")] = got
-            got = netslim_plan(base, "spatial", "energy", dense_macs, goal, 0.3, 1.0)
-            if got:
-                candidates[("spatial", "energy", "netslim")] = got
-            t0 = time.time()
-            report, _ = greedy_rank_search(base, X, held, t, "macs", "spatial", progress=False, device=device)
-            greedy = copy.deepcopy(base)
-            apply_plan_(greedy, report)
-            candidates[("spatial", "greedy target", "netslim")] = (None, greedy)
-            details["configs"][f"{name}@{t:g}x greedy search s"] = time.time() - t0
+            candidates = netslim_candidates(base, dense_macs, goal, t, held, device, details, name)
             for fac in ("tucker", "cp"):
                 try:
                     for impl, got in tltorch_at_target(base, fac, goal).items():
@@ -178,30 +248,41 @@ def main() -> None:
             scored = []
             for (method, selector, tool), (knob, model) in candidates.items():
                 model.eval()
-                top1 = evaluate(model, test, device=device)["top1"]
+                raw = evaluate(model, test, device=device)["top1"]
+                top1, refit_s = raw, None
+                if tool == "netslim" and refit_images is not None:
+                    t0 = time.time()
+                    refit_(model, base, refit_images, decomposed_layers(model, base))
+                    refit_s = time.time() - t0
+                    top1 = evaluate(model, test, device=device)["top1"]
                 lat = latency(model)
                 m = macs(model)
-                scored.append((top1, method, selector, tool, knob, model, lat, m))
-                print(f"{name} {t:g}x {tool:15} {method:8} {selector:34} MACs {dense_macs / m:.2f}x top1 {100 * top1:.2f} "
+                scored.append(dict(top1=top1, raw=raw, refit_s=refit_s, method=method, selector=selector, tool=tool,
+                                   knob=knob, model=model, lat=lat, macs=m))
+                print(f"{name} {t:g}x {tool:15} {method:8} {selector:34} MACs {dense_macs / m:.2f}x top1 {100 * raw:.2f}"
+                      f"{f' refit {100 * top1:.2f}' if refit_s is not None else ''} "
                       f"speed-up {base_lat[1] / lat[1]:.2f}x / {base_lat[64] / lat[64]:.2f}x", flush=True)
             best = {}
             for s in scored:
-                key = s[3]
-                if key not in best or s[0] > best[key][0]:
-                    best[key] = s
-            for top1, method, selector, tool, knob, model, lat, m in scored:
+                if s["tool"] not in best or s["top1"] > best[s["tool"]]["top1"]:
+                    best[s["tool"]] = s
+            for s in scored:
                 ft_top1 = None
-                if best.get(tool) is not None and best[tool][5] is model and args.ft_steps > 0:
-                    fit(model, train, TrainConfig(epochs=1, lr=0.01, max_steps_per_epoch=args.ft_steps, weight_decay=5e-4),
-                        device=device, progress=False)
-                    ft_top1 = evaluate(model, test, device=device)["top1"]
-                    print(f"   fine-tuned {tool} {method} {selector}: {100 * ft_top1:.2f}", flush=True)
-                rows.append(dict(model=name, dataset="cifar10", method=f"{method} / {selector}", tool=tool,
-                                 setting={"mac_target": t, "knob": knob, "fine_tune_steps": args.ft_steps if ft_top1 is not None else 0},
-                                 top1=ft_top1 if ft_top1 is not None else top1, baseline_top1=base_top1,
-                                 params=sum(q.numel() for q in model.parameters()), macs=m, size_bytes=None,
-                                 latency_ms=lat, baseline_latency_ms=base_lat,
-                                 notes=f"top-1 before fine-tune {100 * top1:.2f}%; MAC reduction {dense_macs / m:.2f}x; {form}"))
+                if best[s["tool"]] is s and args.ft_steps > 0:
+                    fine_tune(s["model"], base, train, args.ft_steps, args.ft_lr, device)
+                    ft_top1 = evaluate(s["model"], test, device=device)["top1"]
+                    print(f"   fine-tuned {s['tool']} {s['method']} {s['selector']}: {100 * ft_top1:.2f}", flush=True)
+                setting = {"mac_target": t, "knob": s["knob"], "fine_tune_steps": args.ft_steps if ft_top1 is not None else 0,
+                           "top1_decomposed": s["raw"], "top1_before_fine_tune": s["top1"],
+                           "refit_images": args.refit_images if s["refit_s"] is not None else 0, "refit_s": s["refit_s"]}
+                before = (f"top-1 decomposed {100 * s['raw']:.2f}%"
+                          + (f", after refit {100 * s['top1']:.2f}%" if s["refit_s"] is not None else "")
+                          + (f", after fine-tune {100 * ft_top1:.2f}%" if ft_top1 is not None else ", not fine-tuned"))
+                rows.append(dict(model=name, dataset="cifar10", method=f"{s['method']} / {s['selector']}", tool=s["tool"],
+                                 setting=setting, top1=ft_top1 if ft_top1 is not None else s["top1"], baseline_top1=base_top1,
+                                 params=sum(q.numel() for q in s["model"].parameters()), macs=s["macs"], size_bytes=None,
+                                 latency_ms=s["lat"], baseline_latency_ms=base_lat,
+                                 notes=f"{before}; MAC reduction {dense_macs / s['macs']:.2f}x; {form}"))
             write_result("lowrank", rows, args.out, device=device, details=details)  # partial results survive a stop
     print(write_result("lowrank", rows, args.out, device=device, details=details))
 

@@ -1,3 +1,6 @@
+import copy
+import json
+
 import pytest
 import torch
 from torch import nn
@@ -5,7 +8,7 @@ from torch import nn
 import netslim
 from netslim import NetslimError, zoo
 from netslim.lowrank import (cp_conv, decompose_, greedy_rank_search, plan_decomposition, rank_for_energy,
-                             spatial_conv, svd_conv1x1, svd_linear, tucker2_conv, vbmf_rank)
+                             refit_, spatial_conv, svd_conv1x1, svd_linear, tucker2_conv, vbmf_rank)
 from netslim.lowrank import formulas
 from netslim.lowrank.apply import costs
 
@@ -134,3 +137,81 @@ def test_decomposed_model_exports_to_onnx_and_runs_in_onnxruntime(method):
     with torch.no_grad():
         expected = model(x)
     torch.testing.assert_close(run_onnx(onnx_bytes(model, x), x), expected, rtol=1e-3, atol=1e-4)
+
+
+def test_a_cp_rank_above_max_channels_is_kept_not_clamped():
+    model = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1, bias=False))
+    x = torch.randn(1, 16, 8, 8)
+    plan = plan_decomposition(model, x, "cp", "fixed", 2.0).layers["0"]
+    assert plan.rank == 32 and plan.skipped is None  # 32 > max(N, C) = 16, still cheaper than dense
+    assert plan_decomposition(model, x, "cp", "fixed", 60).layers["0"].skipped is None  # 60 * 38 = 2,280 < 2,304
+    assert "2,318 params" in plan_decomposition(model, x, "cp", "fixed", 61).layers["0"].skipped
+
+
+def _separable_conv(c: int, n: int, rank: int, **kw) -> nn.Conv2d:
+    """A 3x3 conv whose kernel is exactly rank ``rank`` when reshaped for the spatial split."""
+    conv = nn.Conv2d(c, n, 3, padding=1, **kw)
+    with torch.no_grad():
+        conv.weight.copy_(torch.einsum("rci,rnj->ncij", torch.randn(rank, c, 3), torch.randn(rank, n, 3)) / 4)
+    return conv
+
+
+def test_refit_restores_a_perturbed_last_factor_exactly():
+    torch.manual_seed(0)
+    original = nn.Sequential(_separable_conv(16, 16, 4, stride=2), nn.ReLU(), _separable_conv(16, 16, 4)).eval()
+    model = copy.deepcopy(original)
+    images = torch.randn(32, 16, 12, 12)
+    report = decompose_(model, images[:1], "spatial", "fixed", 4)  # exact before the perturbation
+    assert all(p.skipped is None for p in report.layers.values()) and len(report.layers) == 2
+    with torch.no_grad():
+        model[0][-1].weight.add_(0.3 * torch.randn_like(model[0][-1].weight))
+        model[2][-1].weight.mul_(0.5)
+        damaged = (model(images) - original(images)).norm() / original(images).norm()
+    errors = refit_(model, original, images, ["0", "2"], positions=40, ridge=1e-9)
+    assert damaged > 0.1
+    assert errors["0"][0] > 0.1 and errors["0"][1] < 1e-4 and errors["2"][1] < 1e-4
+    with torch.no_grad():
+        torch.testing.assert_close(model(images), original(images), atol=1e-4, rtol=1e-4)
+
+
+def test_refit_compensates_upstream_errors_on_resnet20(shared):
+    original = zoo.get("resnet20", weights="shared").eval()
+    model = copy.deepcopy(original)
+    x = torch.randn(1, 3, 32, 32)
+    report = decompose_(model, x, "spatial", "fixed", 0.3)
+    train = netslim.data.get("cifar10", "train")
+    fit_images = torch.stack([train[i][0] for i in range(64)])
+    held_out = torch.stack([train[i][0] for i in range(1000, 1128)])
+    names = [n for n, p in report.layers.items() if p.skipped is None]
+    with torch.no_grad():
+        target = original(held_out)
+        before = ((model(held_out) - target) ** 2).mean()
+    errors = refit_(model, original, fit_images, names)
+    with torch.no_grad():
+        after = ((model(held_out) - target) ** 2).mean()
+    assert len(names) >= 18 and len(errors) == len(names) and all(a <= b for b, a in errors.values())
+    assert sum(b - a for b, a in errors.values()) > 0.5  # the summed relative error falls substantially
+    assert after < 0.5 * before  # and the logits on unseen images move towards the original's
+
+
+def test_refit_names_the_decomposed_layers_when_given_another():
+    model = nn.Sequential(nn.Conv2d(4, 8, 3), nn.Conv2d(8, 8, 3))
+    decompose_(model, torch.randn(1, 4, 10, 10), "spatial", "fixed", 0.25, layers=("1",))
+    with pytest.raises(NetslimError, match="'0' is not a decomposed layer.*decomposed: 1"):
+        refit_(model, nn.Sequential(nn.Conv2d(4, 8, 3), nn.Conv2d(8, 8, 3)), torch.randn(2, 4, 10, 10), ["0"])
+
+
+def test_decompose_stage_refit_raises_accuracy_and_records_the_errors(shared, tmp_path):
+    from netslim.pipeline import parse_recipe, run_recipe
+
+    def run(refit: int, folder: str):
+        doc = {"model": "lenet300", "weights": "shared", "data": "mnist", "test_limit": 1000, "stages": [
+            {"decompose": {"method": "svd", "selector": "fixed", "rank": 0.04, "refit_images": refit}}]}
+        metrics = run_recipe(parse_recipe(doc), tmp_path / folder, progress=False)
+        return metrics[1]["top1"], json.loads((tmp_path / folder / "state.json").read_text())["artifacts"][0]
+
+    plain, _ = run(0, "plain")
+    refit, artifacts = run(512, "refit")
+    errors = artifacts["refit_relative_error"]
+    assert set(errors) == set(artifacts["structure"]) and all(e["after"] < e["before"] for e in errors.values())
+    assert refit > plain + 0.01

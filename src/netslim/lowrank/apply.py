@@ -62,6 +62,7 @@ def _matrix(module: nn.Module, method: str) -> torch.Tensor:
 
 
 def _full_rank(module: nn.Module, method: str) -> int | tuple[int, int]:
+    """The rank a fraction of 1 means (for CP: max(N, C); a CP rank may go beyond it, see :func:`_max_rank`)."""
     w = module.weight
     if method == "tucker2":
         return (w.shape[1], w.shape[0])
@@ -70,8 +71,18 @@ def _full_rank(module: nn.Module, method: str) -> int | tuple[int, int]:
     return min(_matrix(module, method).shape)
 
 
+def _max_rank(module: nn.Module, method: str) -> int | tuple[int, int]:
+    """The largest rank that can still add information: the matrix rank for SVD / spatial / Tucker-2; for CP
+    the generic bound of a tensor's rank, the product of its dimensions over the largest one."""
+    if method == "cp":
+        dims = sorted(module.weight.shape)
+        return dims[0] * dims[1] * dims[2]
+    return _full_rank(module, method)
+
+
 def select_rank(module: nn.Module, method: str, selector: str, value: float | int | None) -> int | tuple[int, int]:
-    """Rank by ``selector``: ``fixed`` (an int, or a float in (0, 1] as a fraction of full rank),
+    """Rank by ``selector``: ``fixed`` (an int, or a float as a fraction of full rank: in (0, 1], and for CP
+    also above 1, since a CP rank may exceed max(N, C)),
     ``energy`` (fraction of squared singular values kept), ``vbmf`` (one-shot EVBMF)."""
     full = _full_rank(module, method)
     if selector == "fixed":
@@ -175,7 +186,7 @@ def plan_decomposition(model: nn.Module, example_input: torch.Tensor, method: st
         else:
             rank = select_rank(module, m, selector, value)
         before, after = costs(module, m, rank, *shapes[name])
-        full = _full_rank(module, m)
+        full = _max_rank(module, m)
         if after.params < before.params and after.macs < before.macs and _exceeds(rank, full):
             rank = tuple(min(r, f) for r, f in zip(rank, full)) if isinstance(rank, tuple) else min(rank, full)
             before, after = costs(module, m, rank, *shapes[name])

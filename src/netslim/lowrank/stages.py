@@ -1,6 +1,7 @@
 """The ``decompose`` recipe stage: low-rank factorization with fixed, energy, VBMF or target-driven ranks."""
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 import torch
@@ -11,6 +12,7 @@ from ..errors import unknown_choice
 from ..pipeline.stages import StageContext, stage
 from ..surgery import replace_module_
 from .apply import METHODS, SELECTORS, apply_plan_, build, plan_decomposition
+from .refit import refit_
 from .search import greedy_rank_search
 
 
@@ -18,7 +20,9 @@ from .search import greedy_rank_search
 class DecomposeConfig:
     """``selector``: ``fixed`` (``rank``: an int, or a fraction of full rank), ``energy`` (keep ``energy``
     of the squared singular values), ``vbmf`` (one-shot EVBMF), ``target`` (greedy per-layer search
-    on measured sensitivity until ``target`` (macs or params) is ``reduction`` times smaller)."""
+    on measured sensitivity until ``target`` (macs or params) is ``reduction`` times smaller).
+    ``refit_images`` > 0: refit each decomposed layer's last factor on that many training images so it
+    reproduces the layer's outputs before decomposition (asymmetric reconstruction, Zhang 2016)."""
 
     method: str = "auto"
     selector: str = "fixed"
@@ -32,6 +36,7 @@ class DecomposeConfig:
     exclude: list[str] = field(default_factory=list)
     ranks: dict[str, int | list[int]] = field(default_factory=dict)
     batchnorm: bool = False
+    refit_images: int = 0
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -44,6 +49,8 @@ class DecomposeConfig:
             raise ValueError(f"reduction must be > 1, got {self.reduction}")
         if not 0 < self.energy <= 1:
             raise ValueError(f"energy must be in (0, 1], got {self.energy}")
+        if self.refit_images < 0:
+            raise ValueError(f"refit_images must be >= 0, got {self.refit_images}")
 
 
 def _restore(model: nn.Module, cfg: DecomposeConfig, artifacts: dict | None = None) -> nn.Module:
@@ -51,6 +58,12 @@ def _restore(model: nn.Module, cfg: DecomposeConfig, artifacts: dict | None = No
         rank = tuple(entry["rank"]) if isinstance(entry["rank"], list) else entry["rank"]
         replace_module_(model, name, build(model.get_submodule(name), entry["method"], rank, cfg.batchnorm))
     return model
+
+
+def _training_images(ctx: StageContext, count: int) -> torch.Tensor:
+    train = ctx.data.train_plain
+    picked = torch.randperm(len(train), generator=torch.Generator().manual_seed(2))[:count].tolist()
+    return torch.stack([train[i][0] for i in picked]).to(ctx.device)
 
 
 @stage("decompose", DecomposeConfig, restore=_restore)
@@ -69,7 +82,13 @@ def decompose(ctx: StageContext, cfg: DecomposeConfig) -> nn.Module:
         value = cfg.energy if cfg.selector == "energy" else cfg.rank
         report = plan_decomposition(ctx.model, x, cfg.method, cfg.selector, value, tuple(cfg.layers),
                                     tuple(cfg.exclude), cfg.ranks)
+    reference = copy.deepcopy(ctx.model) if cfg.refit_images else None
     apply_plan_(ctx.model, report, cfg.batchnorm)
+    if reference is not None:
+        images = _training_images(ctx, cfg.refit_images)
+        errors = refit_(ctx.model, reference, images, [n for n, p in report.layers.items() if p.skipped is None],
+                        progress=ctx.progress)
+        ctx.artifacts["refit_relative_error"] = {n: {"before": b, "after": a} for n, (b, a) in errors.items()}
     ctx.artifacts["structure"] = {n: p.to_dict() for n, p in report.layers.items() if p.skipped is None}
     ctx.artifacts["notes"] = report.markdown()
     return ctx.model
