@@ -21,6 +21,7 @@ import argparse
 import copy
 import json
 import logging
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -96,6 +97,12 @@ def tltorch_build(base, factorization, implementation, decompose=True):
     return build
 
 
+def _get_factorized_conv(weight, implementation):
+    from tltorch.factorized_layers.factorized_convolution import _get_factorized_conv as pick
+
+    return pick(weight, implementation)
+
+
 def tltorch_at_target(base, factorization, goal):
     """Bisect TensorLy-Torch's rank fraction on MACs with random factors (fast), decompose once, and
     return the model in both of its implementations ("factorized", "reconstructed"), same factors."""
@@ -105,8 +112,9 @@ def tltorch_at_target(base, factorization, goal):
     factorized = tltorch_build(base, factorization, "factorized")(got[0])
     reconstructed = copy.deepcopy(factorized)
     for m in reconstructed.modules():
-        if hasattr(m, "implementation"):
+        if hasattr(m, "forward_fun"):  # TensorLy-Torch picks the forward function when the layer is built
             m.implementation = "reconstructed"
+            m.forward_fun = _get_factorized_conv(m.weight, "reconstructed")
     return {"factorized": (got[0], factorized), "reconstructed": (got[0], reconstructed)}
 
 
@@ -192,6 +200,52 @@ def vbmf_rows(base, name: str, dense_macs: int, base_top1: float, base_lat: dict
     return rows
 
 
+def rebuild(base: nn.Module, row: dict, held, device: str) -> nn.Module:
+    """A row's architecture again, from its method and knob (weights are irrelevant to latency: factors
+    come from one ALS / HOOI iteration, TensorLy-Torch's are random)."""
+    method, selector = row["method"].split(" / ")
+    setting = row["setting"]
+    if row["tool"] == "tensorly-torch":
+        impl = "reconstructed" if "reconstructed" in selector else "factorized"
+        return tltorch_build(base, method, impl, decompose=False)(setting["knob"])
+    if selector == "fixed uniform":
+        report = plan_decomposition(base, X, method, "fixed", setting["knob"])
+    elif selector == "energy":
+        report = plan_decomposition(base, X, method, "energy", min(setting["knob"], 0.999999))
+    elif selector == "vbmf":
+        report = plan_decomposition(base, X, method, "vbmf")
+    else:  # the greedy search is deterministic for the same held-out images
+        report, _ = greedy_rank_search(base, X, held, setting["mac_target"], "macs", method, progress=False, device=device)
+    model = copy.deepcopy(base)
+    apply_plan_(model, report, iters=1)
+    return model
+
+
+def latency_pass(path: Path, held, device: str) -> None:
+    """Re-measure every row's latency in one quiet process, each model beside its dense model, so rows from
+    runs that shared the machine are compared on equal terms. A rebuilt model must have the row's MACs."""
+    doc = json.loads(path.read_text())
+    models = list(dict.fromkeys(r["model"] for r in doc["rows"]))
+    for name in models:
+        base = zoo.get(name, weights="shared").eval()
+        base_lat = latency(base)
+        for row in (r for r in doc["rows"] if r["model"] == name):
+            model = base if row["method"] == "dense" else rebuild(base, row, held, device).eval()
+            if "reconstructed" in row["method"] and macs(model) != row["macs"]:  # runs before this fix ran the
+                row["macs"] = macs(model)  # factorized forward; this pass measures the full kernel it rebuilds
+                row["notes"] += "; MACs and latency as executed (the full kernel is rebuilt at every forward)"
+            if macs(model) != row["macs"]:
+                raise SystemExit(f"{name} {row['method']}: rebuilt model has {macs(model):,} MACs, the row {row['macs']:,}")
+            row["latency_ms"], row["baseline_latency_ms"] = latency(model), base_lat
+            print(f"{name} {row['tool']:15} {row['method']:45} speed-up {base_lat[1] / row['latency_ms'][1]:.2f}x / "
+                  f"{base_lat[64] / row['latency_ms'][64]:.2f}x", flush=True)
+    details = {**doc.get("details", {}), "latency": (
+        "every latency re-measured by `bench/lowrank.py --latency-pass` in one process on a quiet machine, "
+        "pinned to one core, each model's rows after its dense model (architectures rebuilt from each row's knob)")}
+    command = f"{doc['command']} ; {' '.join([Path(sys.executable).name, *sys.argv])}"
+    print(write_result("lowrank", doc["rows"], path.parent, device=device, command=command, details=details))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default="vgg16,resnet56")
@@ -203,6 +257,8 @@ def main() -> None:
     p.add_argument("--refit-images", type=int, default=256,
                    help="training images for netslim's data-aware refit of each decomposed layer (0: off)")
     p.add_argument("--out", default="bench/results")
+    p.add_argument("--latency-pass", action="store_true",
+                   help="only re-measure the latencies of every row of <out>/lowrank.json (run it on a quiet machine)")
     p.add_argument("--merge", action="store_true",
                    help="keep the rows (and details) of the (model, target) pairs not run now from the existing JSON")
     args = p.parse_args()
@@ -218,6 +274,8 @@ def main() -> None:
     refit_images = torch.stack([plain[i][0] for i in
                                 torch.randperm(50_000, generator=torch.Generator().manual_seed(2))[: args.refit_images].tolist()]) \
         if args.refit_images else None
+    if args.latency_pass:
+        return latency_pass(Path(args.out) / "lowrank.json", held, device)
     form = (f"{'GPU' if device == 'cuda' else 'CPU'} form: top-1 on {len(test):,} test images; netslim rows refit on "
             f"{args.refit_images} training images; fine-tune {args.ft_steps} steps of batch 128 with KD from the dense "
             f"model (SGD lr {args.ft_lr:g} cosine) for the best row of each tool; CP-ALS / Tucker-HOOI {ALS_ITERS} iterations")

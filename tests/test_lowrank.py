@@ -215,3 +215,18 @@ def test_decompose_stage_refit_raises_accuracy_and_records_the_errors(shared, tm
     errors = artifacts["refit_relative_error"]
     assert set(errors) == set(artifacts["structure"]) and all(e["after"] < e["before"] for e in errors.values())
     assert refit > plain + 0.01
+
+
+def test_energy_search_meets_a_mac_target_without_overshooting(shared):
+    from netslim.lowrank import apply_plan_, energy_rank_search
+
+    model = zoo.get("vgg16", weights="shared").eval()
+    x = torch.randn(1, 3, 32, 32)
+    dense = netslim.profile(model, x, latency=False).macs
+    report, energy = energy_rank_search(model, x, 3.0, "macs", "spatial")
+    apply_plan_(model, report)
+    reduction = dense / netslim.profile(model, x, latency=False).macs
+    assert 0.5 < energy < 1 and 3.0 <= reduction < 3.1
+    assert "conv" not in str(report.layers.get("features.0", "")) or report.layers["features.0"].skipped
+    with pytest.raises(NetslimError, match="no energy reaches 100x fewer macs"):
+        energy_rank_search(zoo.get("lenet300"), torch.randn(1, 1, 28, 28), 100.0, "macs", "svd")

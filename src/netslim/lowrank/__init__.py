@@ -3,8 +3,8 @@ from .apply import DecompositionReport, apply_plan_, decompose_, plan_decomposit
 from .decompose import cp_conv, spatial_conv, svd_conv1x1, svd_linear, truncated_svd, tucker2_conv
 from .ranks import rank_for_energy, vbmf_rank
 from .refit import refit_
-from .search import greedy_rank_search
+from .search import energy_rank_search, greedy_rank_search
 
 __all__ = ["decompose_", "plan_decomposition", "apply_plan_", "select_rank", "DecompositionReport",
            "svd_linear", "svd_conv1x1", "spatial_conv", "cp_conv", "tucker2_conv", "truncated_svd",
-           "rank_for_energy", "vbmf_rank", "greedy_rank_search", "refit_"]
+           "rank_for_energy", "vbmf_rank", "greedy_rank_search", "energy_rank_search", "refit_"]

@@ -91,19 +91,24 @@ def select_rank(module: nn.Module, method: str, selector: str, value: float | in
         def pick(f: int) -> int:  # an integer rank is taken as asked (costs are judged on it)
             return max(1, int(value)) if (isinstance(value, int) and value >= 1) else max(1, round(f * float(value)))
         return (pick(full[0]), pick(full[1])) if isinstance(full, tuple) else pick(full)
-    w = module.weight.detach()
-    if method == "tucker2":
-        unfold_out, unfold_in = w.flatten(1), w.transpose(0, 1).flatten(1)
-        if selector == "energy":
-            return (rank_for_energy(torch.linalg.svdvals(unfold_in.double()), value),
-                    rank_for_energy(torch.linalg.svdvals(unfold_out.double()), value))
-        return (vbmf_rank(unfold_in), vbmf_rank(unfold_out))
-    matrix = w.flatten(1) if method == "cp" else _matrix(module, method)
     if selector == "energy":
-        return rank_for_energy(torch.linalg.svdvals(matrix.double()), value)
+        ranks = [rank_for_energy(spectrum, value) for spectrum in spectra(module, method)]
+        return tuple(ranks) if method == "tucker2" else ranks[0]
+    w = module.weight.detach()
     if selector == "vbmf":
-        return vbmf_rank(matrix)
+        if method == "tucker2":
+            return (vbmf_rank(w.transpose(0, 1).flatten(1)), vbmf_rank(w.flatten(1)))
+        return vbmf_rank(w.flatten(1) if method == "cp" else _matrix(module, method))
     raise unknown_choice("rank selector", selector, SELECTORS)
+
+
+def spectra(module: nn.Module, method: str) -> list[torch.Tensor]:
+    """The singular values the energy selector reads: of the input and output unfoldings for Tucker-2
+    (in that order), of the kernel's output unfolding for CP, of the method's matrix otherwise."""
+    w = module.weight.detach().double()
+    if method == "tucker2":
+        return [torch.linalg.svdvals(w.transpose(0, 1).flatten(1)), torch.linalg.svdvals(w.flatten(1))]
+    return [torch.linalg.svdvals(w.flatten(1) if method == "cp" else _matrix(module, method).double())]
 
 
 def costs(module: nn.Module, method: str, rank, in_shape: tuple, out_shape: tuple) -> tuple[formulas.Cost, formulas.Cost]:

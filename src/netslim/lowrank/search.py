@@ -16,8 +16,10 @@ from torch import nn
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
+from ..errors import NetslimError
 from ..train import evaluate
-from .apply import DecompositionReport, LayerPlan, apply_plan_, plan_decomposition
+from .apply import DecompositionReport, LayerPlan, apply_plan_, plan_decomposition, spectra
+from .ranks import rank_for_energy
 
 log = logging.getLogger("netslim.lowrank")
 
@@ -87,3 +89,50 @@ def greedy_rank_search(model: nn.Module, example_input: torch.Tensor, data: Data
         chosen[plan.name] = plan
         current -= saved
     return DecompositionReport(chosen), table
+
+
+def model_cost_after(report: DecompositionReport, model_cost: int, target: str = "macs") -> int:
+    """The model's MACs (or params) once ``report`` is applied, from the formulas (nothing is decomposed)."""
+    saved = sum((p.before.macs - p.after.macs) if target == "macs" else (p.before.params - p.after.params)
+                for p in report.layers.values() if p.skipped is None)
+    return model_cost - saved
+
+
+def energy_rank_search(model: nn.Module, example_input: torch.Tensor, reduction: float, target: str = "macs",
+                       method: str = "auto", layers: tuple[str, ...] = (), exclude: tuple[str, ...] = (),
+                       steps: int = 20) -> tuple[DecompositionReport, float]:
+    """The largest singular-value energy, kept uniformly by every layer, at which the model's ``target``
+    (macs or params) is at least ``reduction`` times smaller; found by bisection on the formulas, so no
+    layer is decomposed while searching. Returns the plan and the energy."""
+    if target not in ("macs", "params"):
+        raise ValueError(f"target must be macs or params, got {target!r}")
+    from ..profile import profile
+
+    prof = profile(model, example_input, latency=False)
+    model_cost = prof.macs if target == "macs" else prof.params
+    goal = model_cost / reduction
+
+    def ranks_at(energy: float) -> dict[str, int | list[int]]:
+        got = {n: [rank_for_energy(s, energy) for s in spectrum] for n, spectrum in layer_spectra.items()}
+        return {n: r if len(r) > 1 else r[0] for n, r in got.items()}
+
+    lo, hi, best = 0.0, 1.0, None
+    level = log.level
+    log.setLevel(logging.ERROR)  # the probes' skipped layers are reported once, by the final plan
+    try:
+        eligible = plan_decomposition(model, example_input, method, "fixed", 1, layers, exclude).layers
+        names = tuple(eligible)
+        layer_spectra = {n: spectra(model.get_submodule(n), p.method) for n, p in eligible.items()}
+        for _ in range(steps):
+            mid = (lo + hi) / 2
+            report = plan_decomposition(model, example_input, method, "fixed", 1, names, ranks=ranks_at(mid))
+            if model_cost_after(report, model_cost, target) <= goal:
+                best, lo = mid, mid
+            else:
+                hi = mid
+    finally:
+        log.setLevel(level)
+    if best is None:
+        raise NetslimError(f"no energy reaches {reduction:g}x fewer {target} with method {method!r}: "
+                           f"even the smallest ranks save too little")
+    return plan_decomposition(model, example_input, method, "fixed", 1, names, ranks=ranks_at(best)), best

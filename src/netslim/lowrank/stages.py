@@ -13,14 +13,18 @@ from ..pipeline.stages import StageContext, stage
 from ..surgery import replace_module_
 from .apply import METHODS, SELECTORS, apply_plan_, build, plan_decomposition
 from .refit import refit_
-from .search import greedy_rank_search
+from .search import energy_rank_search, greedy_rank_search
+
+STAGE_SELECTORS = (*SELECTORS, "target", "energy_target")
 
 
 @dataclass
 class DecomposeConfig:
     """``selector``: ``fixed`` (``rank``: an int, or a fraction of full rank), ``energy`` (keep ``energy``
     of the squared singular values), ``vbmf`` (one-shot EVBMF), ``target`` (greedy per-layer search
-    on measured sensitivity until ``target`` (macs or params) is ``reduction`` times smaller).
+    on measured sensitivity until ``target`` (macs or params) is ``reduction`` times smaller),
+    ``energy_target`` (the largest energy, the same for every layer, that makes ``target`` ``reduction``
+    times smaller).
     ``refit_images`` > 0: refit each decomposed layer's last factor on that many training images so it
     reproduces the layer's outputs before decomposition (asymmetric reconstruction, Zhang 2016)."""
 
@@ -41,11 +45,11 @@ class DecomposeConfig:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise unknown_choice("decompose method", self.method, METHODS)
-        if self.selector not in (*SELECTORS, "target"):
-            raise unknown_choice("rank selector", self.selector, (*SELECTORS, "target"))
+        if self.selector not in STAGE_SELECTORS:
+            raise unknown_choice("rank selector", self.selector, STAGE_SELECTORS)
         if self.target not in ("macs", "params"):
             raise unknown_choice("target", self.target, ("macs", "params"))
-        if self.selector == "target" and not self.reduction > 1:
+        if self.selector in ("target", "energy_target") and not self.reduction > 1:
             raise ValueError(f"reduction must be > 1, got {self.reduction}")
         if not 0 < self.energy <= 1:
             raise ValueError(f"energy must be in (0, 1], got {self.energy}")
@@ -78,6 +82,10 @@ def decompose(ctx: StageContext, cfg: DecomposeConfig) -> nn.Module:
                                            tuple(cfg.candidates), tuple(cfg.layers), tuple(cfg.exclude),
                                            cfg.batchnorm, ctx.device, ctx.progress)
         ctx.artifacts["sensitivity"] = table
+    elif cfg.selector == "energy_target":
+        report, energy = energy_rank_search(ctx.model, x, cfg.reduction, cfg.target, cfg.method,
+                                            tuple(cfg.layers), tuple(cfg.exclude))
+        ctx.artifacts["energy"] = energy
     else:
         value = cfg.energy if cfg.selector == "energy" else cfg.rank
         report = plan_decomposition(ctx.model, x, cfg.method, cfg.selector, value, tuple(cfg.layers),
