@@ -239,3 +239,25 @@ def test_energy_target_stage_meets_its_reduction(shared, tmp_path):
     metrics = run_recipe(parse_recipe(doc), tmp_path / "run", progress=False)
     energy = json.loads((tmp_path / "run" / "state.json").read_text())["artifacts"][0]["energy"]
     assert 4.0 <= metrics[1]["ratios"]["r_c"] < 4.4 and 0 < energy < 1
+
+
+def test_greedy_search_for_a_latency_target_makes_the_model_faster(one_thread):
+    from netslim.lowrank import apply_plan_
+    from netslim.profile import measure_latency
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 96, 3, padding=1), nn.ReLU(), nn.Conv2d(96, 128, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(128, 128, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, 10)).eval()
+    x = torch.randn(1, 3, 24, 24)
+    data = torch.utils.data.TensorDataset(torch.randn(32, 3, 24, 24), torch.randint(0, 10, (32,)))
+    report, _ = greedy_rank_search(model, x, data, reduction=1.6, target="latency", method="spatial", progress=False)
+    assert report.layers and set(report.layers) <= {"0", "2", "4"}
+    before = measure_latency(model, x, (1,), repeats=30)[1]
+    apply_plan_(model, report)
+    assert before / measure_latency(model, x, (1,), repeats=30)[1] > 1.3
+    with pytest.raises(ValueError, match="macs, params, latency"):
+        greedy_rank_search(model, x, data, reduction=2.0, target="energy", progress=False)
+    from netslim.lowrank.stages import DecomposeConfig
+
+    with pytest.raises(ValueError, match="needs selector 'target'"):
+        DecomposeConfig(selector="energy_target", target="latency")

@@ -18,23 +18,57 @@ from tqdm import tqdm
 
 from ..errors import NetslimError
 from ..train import evaluate
-from .apply import DecompositionReport, LayerPlan, apply_plan_, plan_decomposition, spectra
+from ..surgery import io_shapes
+from .apply import DecompositionReport, LayerPlan, apply_plan_, build, plan_decomposition, spectra
 from .ranks import rank_for_energy
 
 log = logging.getLogger("netslim.lowrank")
+TARGETS = ("macs", "params", "latency")
+
+
+def whole_model_cost(model: nn.Module, example_input: torch.Tensor, target: str, latency_batch: int = 1) -> float:
+    """The model's MACs, parameters, or median latency in ms at batch ``latency_batch``."""
+    from ..profile import measure_latency, profile
+
+    if target == "latency":
+        return measure_latency(model, example_input[:1], (latency_batch,))[latency_batch]
+    prof = profile(model, example_input, latency=False)
+    return prof.macs if target == "macs" else prof.params
+
+
+def layer_latencies(model: nn.Module, example_input: torch.Tensor, options: dict[str, list[LayerPlan]],
+                    batchnorm: bool = False, batch: int = 1) -> dict[tuple[str, int | None], float]:
+    """Median ms of each layer alone, ``(name, None)``, and of each candidate decomposition,
+    ``(name, id(plan))``, on the layer's input shape at batch ``batch`` (factors from one ALS / HOOI
+    iteration: their values do not change the time)."""
+    from ..profile import measure_latency
+
+    shapes = io_shapes(model, example_input[:1], (nn.Conv2d, nn.Linear))
+    timed: dict[tuple[str, int | None], float] = {}
+    for name, plans in options.items():
+        layer = model.get_submodule(name)
+        x = torch.randn(batch, *shapes[name][0][1:], device=example_input.device)
+        timed[(name, None)] = measure_latency(layer, x, (batch,))[batch]
+        for plan in plans:
+            built = build(layer, plan.method, plan.rank, batchnorm, iters=1)
+            timed[(name, id(plan))] = measure_latency(built, x, (batch,))[batch]
+    return timed
 
 
 def greedy_rank_search(model: nn.Module, example_input: torch.Tensor, data: Dataset, reduction: float,
                        target: str = "macs", method: str = "auto", candidates: tuple[float, ...] = (0.125, 0.25, 0.375, 0.5, 0.75),
                        layers: tuple[str, ...] = (), exclude: tuple[str, ...] = (), batchnorm: bool = False,
                        device: str | torch.device = "cpu", progress: bool = True,
-                       model_cost: int | None = None) -> tuple[DecompositionReport, dict]:
-    """Choose a rank per layer so that the model's ``target`` (macs or params) shrinks by ``reduction``.
+                       model_cost: float | None = None, latency_batch: int = 1) -> tuple[DecompositionReport, dict]:
+    """Choose a rank per layer so that the model's ``target`` (macs, params or latency) shrinks by ``reduction``.
 
+    For ``latency`` every layer and each of its candidate decompositions is timed alone on its input
+    shape at batch ``latency_batch`` (on the CPU, or the device of ``example_input``), and the model's
+    latency is measured once; the search then spends measured milliseconds instead of formula MACs.
     Returns the chosen plan and a sensitivity table ``{layer: {fraction: top1}}``.
     """
-    if target not in ("macs", "params"):
-        raise ValueError(f"target must be macs or params, got {target!r}")
+    if target not in TARGETS:
+        raise ValueError(f"target must be one of {', '.join(TARGETS)}, got {target!r}")
     options: dict[str, list[LayerPlan]] = {}
     for f in candidates:
         report = plan_decomposition(model, example_input, method, "fixed", f, layers, exclude)
@@ -56,15 +90,16 @@ def greedy_rank_search(model: nn.Module, example_input: torch.Tensor, data: Data
             bar.update()
     bar.close()
 
-    def cost(p: LayerPlan, after: bool) -> int:
+    timed = layer_latencies(model, example_input, options, batchnorm, latency_batch) if target == "latency" else {}
+
+    def cost(p: LayerPlan, after: bool) -> float:
+        if target == "latency":
+            return timed[(p.name, id(p))] if after else timed[(p.name, None)]
         c = p.after if after else p.before
         return c.macs if target == "macs" else c.params
 
     if model_cost is None:
-        from ..profile import profile
-
-        prof = profile(model, example_input, latency=False)
-        model_cost = prof.macs if target == "macs" else prof.params
+        model_cost = whole_model_cost(model, example_input, target, latency_batch)
     goal = model_cost / reduction
     chosen: dict[str, LayerPlan] = {}
     current = model_cost
@@ -106,10 +141,7 @@ def energy_rank_search(model: nn.Module, example_input: torch.Tensor, reduction:
     layer is decomposed while searching. Returns the plan and the energy."""
     if target not in ("macs", "params"):
         raise ValueError(f"target must be macs or params, got {target!r}")
-    from ..profile import profile
-
-    prof = profile(model, example_input, latency=False)
-    model_cost = prof.macs if target == "macs" else prof.params
+    model_cost = whole_model_cost(model, example_input, target)
     goal = model_cost / reduction
 
     def ranks_at(energy: float) -> dict[str, int | list[int]]:

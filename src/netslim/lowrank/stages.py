@@ -13,7 +13,7 @@ from ..pipeline.stages import StageContext, stage
 from ..surgery import replace_module_
 from .apply import METHODS, SELECTORS, apply_plan_, build, plan_decomposition
 from .refit import refit_
-from .search import energy_rank_search, greedy_rank_search
+from .search import TARGETS, energy_rank_search, greedy_rank_search
 
 STAGE_SELECTORS = (*SELECTORS, "target", "energy_target")
 
@@ -22,7 +22,8 @@ STAGE_SELECTORS = (*SELECTORS, "target", "energy_target")
 class DecomposeConfig:
     """``selector``: ``fixed`` (``rank``: an int, or a fraction of full rank), ``energy`` (keep ``energy``
     of the squared singular values), ``vbmf`` (one-shot EVBMF), ``target`` (greedy per-layer search
-    on measured sensitivity until ``target`` (macs or params) is ``reduction`` times smaller),
+    on measured sensitivity until ``target`` (macs, params, or latency measured at batch ``latency_batch``)
+    is ``reduction`` times smaller),
     ``energy_target`` (the largest energy, the same for every layer, that makes ``target`` ``reduction``
     times smaller).
     ``refit_images`` > 0: refit each decomposed layer's last factor on that many training images so it
@@ -41,14 +42,17 @@ class DecomposeConfig:
     ranks: dict[str, int | list[int]] = field(default_factory=dict)
     batchnorm: bool = False
     refit_images: int = 0
+    latency_batch: int = 1
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise unknown_choice("decompose method", self.method, METHODS)
         if self.selector not in STAGE_SELECTORS:
             raise unknown_choice("rank selector", self.selector, STAGE_SELECTORS)
-        if self.target not in ("macs", "params"):
-            raise unknown_choice("target", self.target, ("macs", "params"))
+        if self.target not in TARGETS:
+            raise unknown_choice("target", self.target, TARGETS)
+        if self.target == "latency" and self.selector != "target":
+            raise ValueError("target 'latency' needs selector 'target' (the greedy search times every candidate)")
         if self.selector in ("target", "energy_target") and not self.reduction > 1:
             raise ValueError(f"reduction must be > 1, got {self.reduction}")
         if not 0 < self.energy <= 1:
@@ -80,7 +84,7 @@ def decompose(ctx: StageContext, cfg: DecomposeConfig) -> nn.Module:
         held_out = Subset(train, torch.randperm(len(train), generator=g)[:cfg.sensitivity_samples].tolist())
         report, table = greedy_rank_search(ctx.model, x, held_out, cfg.reduction, cfg.target, cfg.method,
                                            tuple(cfg.candidates), tuple(cfg.layers), tuple(cfg.exclude),
-                                           cfg.batchnorm, ctx.device, ctx.progress)
+                                           cfg.batchnorm, ctx.device, ctx.progress, latency_batch=cfg.latency_batch)
         ctx.artifacts["sensitivity"] = table
     elif cfg.selector == "energy_target":
         report, energy = energy_rank_search(ctx.model, x, cfg.reduction, cfg.target, cfg.method,
