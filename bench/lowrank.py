@@ -253,6 +253,8 @@ def main() -> None:
     p.add_argument("--test-images", type=int, default=2000)
     p.add_argument("--ft-steps", type=int, default=150)
     p.add_argument("--ft-lr", type=float, default=0.002)
+    p.add_argument("--ft-extra", default="",
+                   help="netslim rows fine-tuned besides each tool's best, e.g. 'spatial / energy' (comma-separated)")
     p.add_argument("--search-images", type=int, default=500)
     p.add_argument("--refit-images", type=int, default=256,
                    help="training images for netslim's data-aware refit of each decomposed layer (0: off)")
@@ -324,9 +326,11 @@ def main() -> None:
             for s in scored:
                 if s["tool"] not in best or s["top1"] > best[s["tool"]]["top1"]:
                     best[s["tool"]] = s
+            extra = {v.strip() for v in args.ft_extra.split(",") if v.strip()}
             for s in scored:
                 ft_top1 = None
-                if best[s["tool"]] is s and args.ft_steps > 0:
+                wanted = best[s["tool"]] is s or (s["tool"] == "netslim" and f"{s['method']} / {s['selector']}" in extra)
+                if wanted and args.ft_steps > 0:
                     fine_tune(s["model"], base, train, args.ft_steps, args.ft_lr, device)
                     ft_top1 = evaluate(s["model"], test, device=device)["top1"]
                     print(f"   fine-tuned {s['tool']} {s['method']} {s['selector']}: {100 * ft_top1:.2f}", flush=True)
