@@ -40,7 +40,7 @@ from netslim.surgery import replace_module_
 from netslim.train import TrainConfig, evaluate
 
 X = torch.randn(1, 3, 32, 32)
-ALS_ITERS = 100 if torch.cuda.is_available() else 15  # CP-ALS / Tucker-HOOI iterations (CPU form: fewer)
+ALS_ITERS = 100 if torch.cuda.is_available() else 6  # CP-ALS / Tucker-HOOI iterations (CPU form: fewer)
 
 
 def macs(model: nn.Module) -> int:
