@@ -58,7 +58,7 @@ def _original_targets(original: nn.Module, names: list[str], images: torch.Tenso
             y = _outputs(out.detach())
             if module.bias is not None:
                 y = y - module.bias.detach()[None, :, None]
-            idx = torch.randint(0, y.shape[2], (y.shape[0], min(positions, y.shape[2])), generator=gen)
+            idx = torch.randint(0, y.shape[2], (y.shape[0], min(positions, y.shape[2])), generator=gen).to(y.device)
             got[name] = (idx, _pick(y, idx).double())
         return fn
 
@@ -91,6 +91,14 @@ def _current_inputs(model: nn.Module, last: nn.Module, images: torch.Tensor, idx
     return got[0]
 
 
+def _is_decomposed(module: nn.Module | None) -> bool:
+    """A Sequential whose last layer is a dense (ungrouped) conv or a linear layer: what refit can solve."""
+    if not isinstance(module, nn.Sequential) or len(module) == 0:
+        return False
+    last = module[-1]
+    return isinstance(last, nn.Linear) or (isinstance(last, nn.Conv2d) and last.groups == 1)
+
+
 def least_squares(a: torch.Tensor, y: torch.Tensor, ridge: float = 1e-4) -> torch.Tensor:
     """W (outputs, features) minimising ``||a W^T - y||^2 + ridge * mean(diag(a^T a)) ||W||^2``."""
     gram = a.T @ a
@@ -107,9 +115,9 @@ def refit_(model: nn.Module, original: nn.Module, images: torch.Tensor, layers: 
     """
     modules = dict(model.named_modules())
     for name in layers:
-        if not isinstance(modules.get(name), nn.Sequential):
+        if not _is_decomposed(modules.get(name)):
             raise NetslimError(f"{name!r} is not a decomposed layer of the model; decomposed: "
-                               f"{', '.join(n for n, m in modules.items() if isinstance(m, nn.Sequential) and n) or 'none'}")
+                               f"{', '.join(n for n, m in modules.items() if _is_decomposed(m) and n) or 'none'}")
     if not layers:
         return {}
     targets = _original_targets(original, list(layers), images, positions, seed)
