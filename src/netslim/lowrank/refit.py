@@ -47,29 +47,29 @@ def _pick(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return torch.gather(t, 2, idx[:, None, :].expand(-1, t.shape[1], -1)).permute(0, 2, 1).reshape(-1, t.shape[1])
 
 
-def _original_targets(original: nn.Module, names: list[str], images: torch.Tensor, positions: int,
-                      seed: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """For each layer: sampled positions (N, P) and the original layer's outputs there, bias removed."""
-    gen = torch.Generator().manual_seed(seed)
-    got: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+def _original_target(original: nn.Module, name: str, images: torch.Tensor, positions: int,
+                     gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sampled output positions (N, P) of the original layer ``name`` and its outputs there, bias removed;
+    the forward stops at that layer, so memory holds one layer's targets at a time."""
+    got = []
 
-    def hook(name):
-        def fn(module, _inp, out):
-            y = _outputs(out.detach())
-            if module.bias is not None:
-                y = y - module.bias.detach()[None, :, None]
-            idx = torch.randint(0, y.shape[2], (y.shape[0], min(positions, y.shape[2])), generator=gen).to(y.device)
-            got[name] = (idx, _pick(y, idx).double())
-        return fn
+    def fn(module, _inp, out):
+        y = _outputs(out.detach())
+        if module.bias is not None:
+            y = y - module.bias.detach()[None, :, None]
+        idx = torch.randint(0, y.shape[2], (y.shape[0], min(positions, y.shape[2])), generator=gen).to(y.device)
+        got.append((idx, _pick(y, idx).double()))
+        raise _Captured
 
-    handles = [original.get_submodule(n).register_forward_hook(hook(n)) for n in names]
+    handle = original.get_submodule(name).register_forward_hook(fn)
     try:
         with torch.no_grad():
             original.eval()(images)
+    except _Captured:
+        pass
     finally:
-        for h in handles:
-            h.remove()
-    return got
+        handle.remove()
+    return got[0]
 
 
 def _current_inputs(model: nn.Module, last: nn.Module, images: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -118,13 +118,11 @@ def refit_(model: nn.Module, original: nn.Module, images: torch.Tensor, layers: 
         if not _is_decomposed(modules.get(name)):
             raise NetslimError(f"{name!r} is not a decomposed layer of the model; decomposed: "
                                f"{', '.join(n for n, m in modules.items() if _is_decomposed(m) and n) or 'none'}")
-    if not layers:
-        return {}
-    targets = _original_targets(original, list(layers), images, positions, seed)
+    gen = torch.Generator().manual_seed(seed)
     errors: dict[str, tuple[float, float]] = {}
     for name in tqdm(layers, desc="refit", disable=not progress, leave=False):
         last = modules[name][-1]
-        idx, y = targets[name]
+        idx, y = _original_target(original, name, images, positions, gen)
         a = _current_inputs(model, last, images, idx)
         w_old = last.weight.detach().reshape(last.weight.shape[0], -1).double()
         w_new = least_squares(a, y, ridge)
