@@ -35,6 +35,7 @@ from netslim import data as nsdata
 from netslim import zoo
 from netslim.distill import distill
 from netslim.lowrank import apply_plan_, greedy_rank_search, plan_decomposition, refit_
+from netslim.lowrank.search import model_cost_after
 from netslim.report import write_result
 from netslim.surgery import replace_module_
 from netslim.train import TrainConfig, evaluate
@@ -60,18 +61,13 @@ def bisect(build, target_macs: int, lo: float = 0.02, hi: float = 1.0, steps: in
     return best
 
 
-def plan_macs(base, dense_macs: int, plan) -> int:
-    """Model MACs after a plan, from the formulas (no decomposition is computed)."""
-    return dense_macs - sum(p.before.macs - p.after.macs for p in plan.layers.values() if p.skipped is None)
-
-
 def netslim_plan(base, method, selector, dense_macs, goal, lo, hi):
     """Bisect the rank fraction (or energy) on formula MACs, then decompose once."""
     best = None
     for _ in range(14):
         mid = (lo + hi) / 2
         plan = plan_decomposition(base, X, method, selector, min(mid, 0.999999) if selector == "energy" else mid)
-        if plan_macs(base, dense_macs, plan) <= goal:
+        if model_cost_after(plan, dense_macs, "macs") <= goal:
             best, lo = (mid, plan), mid
         else:
             hi = mid

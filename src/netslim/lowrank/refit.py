@@ -26,6 +26,17 @@ class _Captured(Exception):
     """Raised by a hook to stop the forward pass once the wanted input is captured."""
 
 
+def _forward_until_captured(model: nn.Module, images: torch.Tensor, handle) -> None:
+    """Run ``model`` on ``images`` until the hook behind ``handle`` raises :class:`_Captured`; remove the hook."""
+    try:
+        with torch.no_grad():
+            model.eval()(images)
+    except _Captured:
+        pass
+    finally:
+        handle.remove()
+
+
 def _columns(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """(N, features, positions): what ``layer`` multiplies by its weight at each output position."""
     if isinstance(layer, nn.Linear):
@@ -61,14 +72,7 @@ def _original_target(original: nn.Module, name: str, images: torch.Tensor, posit
         got.append((idx, _pick(y, idx).double()))
         raise _Captured
 
-    handle = original.get_submodule(name).register_forward_hook(fn)
-    try:
-        with torch.no_grad():
-            original.eval()(images)
-    except _Captured:
-        pass
-    finally:
-        handle.remove()
+    _forward_until_captured(original, images, original.get_submodule(name).register_forward_hook(fn))
     return got[0]
 
 
@@ -80,14 +84,7 @@ def _current_inputs(model: nn.Module, last: nn.Module, images: torch.Tensor, idx
         got.append(_pick(_columns(module, inp[0].detach()), idx).double())
         raise _Captured
 
-    handle = last.register_forward_pre_hook(fn)
-    try:
-        with torch.no_grad():
-            model.eval()(images)
-    except _Captured:
-        pass
-    finally:
-        handle.remove()
+    _forward_until_captured(model, images, last.register_forward_pre_hook(fn))
     return got[0]
 
 
