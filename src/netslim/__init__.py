@@ -6,5 +6,7 @@ __version__ = "0.1.0"
 from . import data, zoo  # noqa: E402
 from .errors import NetslimError  # noqa: E402
 from .profile import Comparison, Profile, compare, profile  # noqa: E402
+from .pipeline.compress import CompressResult, compress  # noqa: E402
 
-__all__ = ["zoo", "data", "profile", "compare", "Profile", "Comparison", "NetslimError", "__version__"]
+__all__ = ["zoo", "data", "profile", "compare", "compress", "CompressResult", "Profile", "Comparison", "NetslimError",
+           "__version__"]

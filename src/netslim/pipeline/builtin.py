@@ -49,3 +49,67 @@ def finetune(ctx: StageContext, cfg: FinetuneConfig) -> nn.Module:
     ctx.artifacts["distill_terms"] = {k[len("distill_"):]: v for k, v in last.items() if k.startswith("distill_")}
     ctx.artifacts["notes"] = f"fine-tuned with distillation from the original model: {cfg.distill}"
     return ctx.model
+
+
+@dataclass
+class ExportConfig:
+    """Write the current model as ONNX (``filename`` in the run directory; dynamic batch axis; QDQ integers when
+    it is quantized), check onnxruntime's outputs against PyTorch's on ``check_images`` evaluation images, and
+    time the original and the exported model side by side in onnxruntime at the recipe's
+    ``latency_batch_sizes`` with ``threads`` intra-op threads (``r_T_ort`` in the metrics)."""
+
+    filename: str = "model.onnx"
+    opset: int = 18
+    check_images: int = 64
+    threads: int = 1
+    repeats: int = 30
+    tolerance: float = 1e-3
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.filename, str) or not self.filename.endswith(".onnx") or "/" in self.filename:
+            raise NetslimError(f"filename must be a plain file name ending in .onnx, got {self.filename!r}")
+        for key, low in (("opset", 13), ("check_images", 1), ("threads", 1), ("repeats", 3)):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise NetslimError(f"{key} must be an integer >= {low}, got {value!r}")
+        if not self.tolerance > 0:
+            raise NetslimError(f"tolerance must be > 0, got {self.tolerance}")
+
+
+@stage("export", ExportConfig)
+def export_stage(ctx: StageContext, cfg: ExportConfig) -> nn.Module:
+    """Deployable ONNX file in the run directory, checked in onnxruntime and timed against the original there."""
+    import torch
+
+    from ..export import check_onnx, ort_latency_ms, to_onnx
+
+    run_dir = ctx.run_dir if ctx.run_dir is not None else ctx.stage_dir
+    model = ctx.model.eval()
+    x = ctx.example_input.detach().cpu()
+    path = to_onnx(model.cpu(), x, run_dir / cfg.filename, opset=cfg.opset)
+    baseline = to_onnx(ctx.original.cpu().eval(), x, ctx.stage_dir / "original.onnx", opset=cfg.opset)
+    test = ctx.data.test
+    count = min(cfg.check_images, len(test))
+    images = torch.stack([test[i][0] for i in range(count)])
+    check = check_onnx(model, path, images)
+    if check["max_abs_diff"] > cfg.tolerance * max(1.0, check.get("max_abs_output", 1.0)):
+        raise NetslimError(f"{path}: onnxruntime's outputs differ from PyTorch's by {check['max_abs_diff']:.3g} "
+                           f"(tolerance {cfg.tolerance} relative); the export is not faithful")
+    batches = tuple(ctx.latency_batch_sizes)
+    ms_model, ms_base = {}, {}
+    for bs in batches:  # the two models alternate, batch size by batch size, in one process
+        ms_base.update(ort_latency_ms(baseline, x, (bs,), threads=cfg.threads, repeats=cfg.repeats))
+        ms_model.update(ort_latency_ms(path, x, (bs,), threads=cfg.threads, repeats=cfg.repeats))
+    ctx.model.to(ctx.device)
+    ctx.original.to(ctx.device)
+    ctx.artifacts.update(onnx=str(path), onnx_bytes=path.stat().st_size, onnx_check=check,
+                         ort_latency_ms={str(k): v for k, v in ms_model.items()},
+                         baseline_ort_latency_ms={str(k): v for k, v in ms_base.items()})
+    speed = ", ".join(f"batch {b}: {ms_base[b]:.3f} → {ms_model[b]:.3f} ms ({ms_base[b] / ms_model[b]:.2f}x)"
+                      for b in batches)
+    ctx.artifacts["notes"] = (f"`{path.name}` ({path.stat().st_size:,} bytes, opset {cfg.opset}, dynamic batch). "
+                              f"onnxruntime vs PyTorch on {count} evaluation inputs: max |diff| "
+                              f"{check['max_abs_diff']:.3g}" + (f", top-1 agreement {check['top1_agreement']:.2%}"
+                                                                 if check.get("top1_agreement") is not None else "")
+                              + f". onnxruntime CPU latency, {cfg.threads} thread(s), original → exported: {speed}.")
+    return ctx.model

@@ -2,9 +2,9 @@
 
 .. code-block:: yaml
 
-    model: lenet5                 # zoo name or torchvision:<name>
+    model: lenet5                 # zoo name, torchvision:<name>, timm:<name>, file.py:factory or package.module:factory
     weights: shared               # a state_dict path, "shared" (../shared/models), or omitted
-    data: fashion-mnist           # dataset name or ImageFolder path
+    data: fashion-mnist           # dataset name, ImageFolder path, or file.py:factory returning (train, test)
     stages:
       - prune: {method: magnitude, sparsity: 0.9}
       - finetune: {epochs: 1, lr: 0.01}
@@ -13,6 +13,7 @@ Everything is validated before any work: unknown top-level keys, stage names, st
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
@@ -22,7 +23,8 @@ from typing import Any
 import yaml
 
 from ..errors import NetslimError
-from .stages import build_config
+from ..zoo.references import resolve_reference
+from .stages import build_config, stage_for_config
 
 TOP_LEVEL_KEYS = ("name", "model", "weights", "data", "data_root", "num_classes", "device", "seed",
                   "latency_batch_sizes", "test_limit", "calib_size", "stages")
@@ -60,6 +62,10 @@ class Recipe:
         """Hash of everything that changes the run's results (to refuse resuming a different recipe)."""
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:16]
 
+    def resolve_reference(self, value: str) -> str:
+        """A ``file.py:factory`` reference with its file found relative to the recipe file."""
+        return resolve_reference(value, self.base_dir)
+
     def resolve_path(self, value: str | None) -> str | None:
         """Paths in a recipe are relative to the recipe file, unless absolute or a keyword."""
         if value is None or value == "shared" or Path(value).is_absolute():
@@ -69,6 +75,10 @@ class Recipe:
 
 
 def _parse_stage(item: Any, index: int) -> StageSpec:
+    if dataclasses.is_dataclass(item) and not isinstance(item, type):
+        name = stage_for_config(item)
+        options = {f.name: getattr(item, f.name) for f in dataclasses.fields(item)}
+        return StageSpec(name, options, item)
     if isinstance(item, str):
         name, options = item, {}
     elif isinstance(item, dict) and len(item) == 1:
@@ -92,12 +102,37 @@ def parse_recipe(doc: Any, base_dir: Path = Path(".")) -> Recipe:
             raise NetslimError(f"recipe is missing the key {key!r}")
     if not isinstance(doc["stages"], list) or not doc["stages"]:
         raise NetslimError("recipe 'stages' must be a non-empty list")
-    stages = [_parse_stage(item, i) for i, item in enumerate(doc["stages"])]
+    stages = parse_stages(doc["stages"])
     fields = {k: v for k, v in doc.items() if k != "stages"}
+    _check_top_level_types(fields)
     bs = fields.get("latency_batch_sizes", [1])
     if not isinstance(bs, list) or not all(isinstance(b, int) and b > 0 for b in bs):
         raise NetslimError(f"latency_batch_sizes must be a list of positive integers, got {bs!r}")
     return Recipe(stages=stages, base_dir=base_dir, **fields)
+
+
+_TOP_LEVEL_TYPES = {"name": str, "model": str, "weights": str, "data": str, "data_root": str, "num_classes": int,
+                    "device": str, "seed": int, "test_limit": int, "calib_size": int}
+
+
+def _check_top_level_types(fields: dict[str, Any]) -> None:
+    for key, kind in _TOP_LEVEL_TYPES.items():
+        value = fields.get(key)
+        if value is None and key not in ("model", "data"):
+            continue
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise NetslimError(f"recipe key {key!r} must be {'an integer' if kind is int else 'a string'}, "
+                               f"got {value!r}")
+        if kind is int and key != "seed" and value < 1:
+            raise NetslimError(f"recipe key {key!r} must be >= 1, got {value}")
+
+
+def parse_stages(items: Any) -> list[StageSpec]:
+    """Stages from a list of names, ``{name: {options}}`` mappings or stage config objects
+    (``ChannelPruneConfig(target="macs:2")``: the stage is the one registered with that config class)."""
+    if not isinstance(items, (list, tuple)) or not items:
+        raise NetslimError("stages must be a non-empty list of stage names, {name: options} mappings or configs")
+    return [_parse_stage(item, i) for i, item in enumerate(items)]
 
 
 def load_recipe(path: str | Path) -> Recipe:

@@ -16,16 +16,17 @@ resumes from its own checkpoint when it has one (``finetune`` does, per epoch).
 """
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 import yaml
+from torch import nn
 
 from .. import data as nsdata
 from .. import zoo
@@ -33,7 +34,9 @@ from ..errors import NetslimError
 from ..io import load_checkpoint, save_json, save_text, save_torch
 from ..profile import compare, profile
 from ..train import default_device, evaluate, seed_everything
-from .databundle import DataBundle
+from ..surgery import safe_deepcopy
+from ..zoo.references import is_factory_reference
+from .databundle import DataBundle, DatasetBundle, bundle_from_reference
 from .recipe import Recipe
 from .report import write_report
 from .stages import StageContext, get_stage
@@ -41,14 +44,53 @@ from .stages import StageContext, get_stage
 log = logging.getLogger("netslim.pipeline")
 
 
+@dataclass
+class RunInputs:
+    """What a run compresses and measures, however it was named: the original model, its data, an example
+    input, and the metric (``None``: top-1 accuracy; else ``metric(model, eval_data) -> float``, higher is
+    better, called with the model in eval mode on the run's device)."""
+
+    original: nn.Module
+    data: DataBundle | DatasetBundle
+    example_input: torch.Tensor
+    metric: Callable[[nn.Module, Any], float] | None = None
+    metric_name: str = "top1"
+    model_name: str | None = None
+    num_classes: int | None = None
+
+
 def validate_inputs(recipe: Recipe) -> None:
-    """Everything checkable without work: model name, dataset name, weights file."""
-    zoo.spec(recipe.model)
-    if not nsdata.is_folder_dataset(recipe.data):
+    """Everything checkable without work: model reference, dataset name or reference, weights file."""
+    zoo.spec(recipe.resolve_reference(recipe.model))
+    if not (nsdata.is_folder_dataset(recipe.data) or is_factory_reference(recipe.data)):
         nsdata.canonical_name(recipe.data)
     weights = recipe.resolve_path(recipe.weights)
     if weights not in (None, "shared") and not Path(weights).is_file():
         raise NetslimError(f"weights file not found: {weights}")
+
+
+def inputs_from_recipe(recipe: Recipe, device: torch.device) -> RunInputs:
+    """Build the recipe's model (zoo, torchvision, timm or a user's factory) and data (named or a factory)."""
+    model_ref = recipe.resolve_reference(recipe.model)
+    original = zoo.get(model_ref, recipe.resolve_path(recipe.weights), recipe.num_classes).to(device).eval()
+    data_ref = recipe.resolve_reference(recipe.data)
+    if is_factory_reference(data_ref):
+        bundle = bundle_from_reference(data_ref, recipe.calib_size, recipe.test_limit)
+    else:
+        bundle = DataBundle(recipe.data, recipe.resolve_path(recipe.data_root), recipe.calib_size, recipe.test_limit)
+    example = first_input(bundle.test).to(device)
+    return RunInputs(original, bundle, example, model_name=model_ref, num_classes=recipe.num_classes)
+
+
+def first_input(dataset) -> torch.Tensor:
+    """A batch of one from the first item of ``dataset`` (an ``(input, target)`` pair)."""
+    if len(dataset) == 0:
+        raise NetslimError("the evaluation data is empty")
+    item = dataset[0]
+    x = item[0] if isinstance(item, (tuple, list)) else item
+    if not isinstance(x, torch.Tensor):
+        raise NetslimError(f"the evaluation data's items must be (tensor, target) pairs; got {type(x).__name__}")
+    return x[None]
 
 
 def _stage_file(run_dir: Path, index: int, name: str) -> Path:
@@ -70,57 +112,100 @@ def _read_state(run_dir: Path, recipe: Recipe) -> dict[str, Any]:
         return {"fingerprint": recipe.fingerprint(), "finished": 0, "artifacts": [], "metrics": []}
     state = json.loads(path.read_text())
     if state.get("fingerprint") != recipe.fingerprint():
-        raise NetslimError(f"{run_dir} holds a run of a different recipe; choose another --out or pass --restart")
+        raise NetslimError(f"{run_dir} holds a run of a different recipe or model; choose another --out/out= "
+                           "or pass --restart/restart=True")
     return state
 
 
-def _measure(original, model, data: DataBundle, example_input, recipe: Recipe, device, top1_original,
-             artifacts: dict[str, Any]) -> dict[str, Any]:
-    cmp = compare(original, model, None, example_input=example_input, batch_sizes=tuple(recipe.latency_batch_sizes),
-                  compressed_stored_size=artifacts.get("stored_bytes"),
+def score(inputs: RunInputs, model: nn.Module, device: torch.device) -> float:
+    """The run's metric of ``model`` on the evaluation data: top-1, or the user's metric."""
+    if inputs.metric is None:
+        return evaluate(model, inputs.data.test, device=device)["top1"]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            value = inputs.metric(model, inputs.data.test)
+    finally:
+        model.train(was_training)
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise NetslimError(f"metric {inputs.metric_name!r} returned {value!r}, not a number") from None
+
+
+def _measure(inputs: RunInputs, model, recipe: Recipe, device, score_original, artifacts: dict[str, Any]) -> dict:
+    cmp = compare(inputs.original, model, None, example_input=inputs.example_input,
+                  batch_sizes=tuple(recipe.latency_batch_sizes), compressed_stored_size=artifacts.get("stored_bytes"),
                   compressed_index_size=artifacts.get("index_bytes", 0), device=device)
-    top1 = evaluate(model, data.test, device=device)["top1"]
-    cmp.top1_original, cmp.top1_compressed = top1_original, top1
+    value = score(inputs, model, device)
+    cmp.top1_original, cmp.top1_compressed = score_original, value
     c = cmp.compressed
-    return {"top1": top1, "ratios": cmp.ratios, "params": c.params, "nonzero_params": c.nonzero_params,
-            "macs": c.macs, "effective_macs": c.effective_macs, "stored_bytes": c.stored_bytes,
-            "index_bytes": c.index_bytes, "energy_pj": c.energy.total_pj,
-            "latency_ms": {str(k): v for k, v in c.latency_ms.items()},
-            "baseline_latency_ms": {str(k): v for k, v in cmp.original.latency_ms.items()}}
+    row = {"metric": inputs.metric_name, "score": value, "ratios": cmp.ratios, "params": c.params,
+           "nonzero_params": c.nonzero_params, "macs": c.macs, "effective_macs": c.effective_macs,
+           "stored_bytes": c.stored_bytes, "index_bytes": c.index_bytes, "energy_pj": c.energy.total_pj,
+           "latency_ms": {str(k): v for k, v in c.latency_ms.items()},
+           "baseline_latency_ms": {str(k): v for k, v in cmp.original.latency_ms.items()}}
+    if inputs.metric is None:
+        row["top1"] = value
+    if "ort_latency_ms" in artifacts:  # an export stage timed both models in onnxruntime, side by side
+        row.update({k: artifacts[k] for k in ("ort_latency_ms", "baseline_ort_latency_ms", "onnx_bytes",
+                                             "onnx_check") if k in artifacts})
+        row["ratios"]["r_T_ort"] = ort_speedup(artifacts["baseline_ort_latency_ms"], artifacts["ort_latency_ms"])
+    return row
+
+
+def ort_speedup(baseline: dict[str, float], compressed: dict[str, float]) -> float | None:
+    """onnxruntime latency ratio (original / compressed) at the smallest batch size both were timed at."""
+    common = sorted(set(baseline) & set(compressed), key=int)
+    if not common or not compressed[common[0]]:
+        return None
+    return baseline[common[0]] / compressed[common[0]]
 
 
 def run_recipe(recipe: Recipe, run_dir: str | Path, *, restart: bool = False, progress: bool = True) -> list[dict]:
     """Run every stage of ``recipe`` into ``run_dir``; return the metrics rows (baseline first)."""
     validate_inputs(recipe)
+    device = torch.device(recipe.device) if recipe.device else default_device()
+    seed_everything(recipe.seed)
+    metrics, _ = run_stages(recipe, lambda: inputs_from_recipe(recipe, device), run_dir, restart=restart,
+                            progress=progress)
+    return metrics
+
+
+def run_stages(recipe: Recipe, make_inputs: Callable[[], RunInputs], run_dir: str | Path, *, restart: bool = False,
+               progress: bool = True) -> tuple[list[dict], nn.Module]:
+    """The corridor shared by recipes and :func:`netslim.compress`: prepare ``run_dir``, build the inputs,
+    run the stages not yet finished, measure after each; return the metrics rows and the final model."""
     run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise NetslimError(f"run directory {run_dir} is a file; choose another --out/out=")
     if restart and run_dir.exists():
         shutil.rmtree(run_dir)
     (run_dir / "stages").mkdir(parents=True, exist_ok=True)
     handler = _attach_log(run_dir)
     try:
-        return _run(recipe, run_dir, progress)
+        state = _read_state(run_dir, recipe)
+        return _run(recipe, make_inputs(), state, run_dir, progress)
     finally:
         logging.getLogger("netslim").removeHandler(handler)
         handler.close()
 
 
-def _run(recipe: Recipe, run_dir: Path, progress: bool) -> list[dict]:
-    state = _read_state(run_dir, recipe)
+def _run(recipe: Recipe, inputs: RunInputs, state: dict, run_dir: Path, progress: bool) -> tuple[list[dict], nn.Module]:
     save_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False), run_dir / "recipe.yaml")
     device = torch.device(recipe.device) if recipe.device else default_device()
     seed_everything(recipe.seed)
-    original = zoo.get(recipe.model, recipe.resolve_path(recipe.weights), recipe.num_classes).to(device).eval()
-    bundle = DataBundle(recipe.data, recipe.resolve_path(recipe.data_root), recipe.calib_size, recipe.test_limit)
-    example_input = bundle.test[0][0][None].to(device)
-    model = copy.deepcopy(original)
+    original = inputs.original.to(device).eval()
+    model = safe_deepcopy(original)
 
     if not state["metrics"]:
         log.info("measuring the baseline %s on %s", recipe.model, recipe.data)
-        top1 = evaluate(original, bundle.test, device=device)["top1"]
-        row = _measure(original, model, bundle, example_input, recipe, device, top1, {})
+        value = score(inputs, original, device)
+        row = _measure(inputs, model, recipe, device, value, {})
         state["metrics"].append({"stage": "baseline", "index": -1, "wall_s": 0.0, **row})
         save_json(state, run_dir / "state.json")
-    top1_original = state["metrics"][0]["top1"]
+    score_original = state["metrics"][0]["score"]
 
     finished = int(state["finished"])
     if finished:
@@ -133,14 +218,15 @@ def _run(recipe: Recipe, run_dir: Path, progress: bool) -> list[dict]:
         stage_dir = run_dir / "stages" / f"{index:02d}-{spec.name}"
         stage_dir.mkdir(parents=True, exist_ok=True)
         log.info("stage %d/%d: %s %s", index + 1, len(recipe.stages), spec.name, spec.options)
-        ctx = StageContext(model, original, bundle, stage_dir, device, example_input, progress,
-                           model_name=recipe.model, num_classes=recipe.num_classes)
+        ctx = StageContext(model, original, inputs.data, stage_dir, device, inputs.example_input, progress,
+                           model_name=inputs.model_name, num_classes=inputs.num_classes, run_dir=run_dir,
+                           latency_batch_sizes=tuple(recipe.latency_batch_sizes))
         t0 = time.perf_counter()
         model = sdef.run(ctx, spec.config).to(device)
         wall = time.perf_counter() - t0
         save_torch(model.state_dict(), _stage_file(run_dir, index, spec.name))
         artifacts = _merge_artifacts(state["artifacts"], ctx.artifacts)
-        row = _measure(original, model, bundle, example_input, recipe, device, top1_original, artifacts)
+        row = _measure(inputs, model, recipe, device, score_original, artifacts)
         state["metrics"].append({"stage": spec.name, "index": index, "options": spec.options, "wall_s": wall,
                                  "notes": ctx.artifacts.get("notes"), **row})
         state["artifacts"].append(ctx.artifacts)
@@ -148,10 +234,10 @@ def _run(recipe: Recipe, run_dir: Path, progress: bool) -> list[dict]:
         save_json(state, run_dir / "state.json")
         save_json(state["metrics"], run_dir / "metrics.json")
         write_report(run_dir, recipe, state["metrics"])
-        log.info("stage %s done in %.1f s: top-1 %.4f", spec.name, wall, row["top1"])
+        log.info("stage %s done in %.1f s: %s %.4f", spec.name, wall, inputs.metric_name, row["score"])
     save_json(state["metrics"], run_dir / "metrics.json")
     write_report(run_dir, recipe, state["metrics"])
-    return state["metrics"]
+    return state["metrics"], model
 
 
 def restore_stage_model(model: torch.nn.Module, recipe: Recipe, run_dir: str | Path, index: int) -> torch.nn.Module:
@@ -169,10 +255,12 @@ def restore_stage_model(model: torch.nn.Module, recipe: Recipe, run_dir: str | P
 
 
 def _merge_artifacts(previous: list[dict], current: dict) -> dict:
-    """The storage override in force: the latest stage that set one (an encode stage)."""
+    """The overrides in force: storage from the latest stage that set it (an encode stage), onnxruntime
+    timings from the latest export stage."""
     merged: dict[str, Any] = {}
     for a in [*previous, current]:
-        for key in ("stored_bytes", "index_bytes"):
+        for key in ("stored_bytes", "index_bytes", "ort_latency_ms", "baseline_ort_latency_ms", "onnx_bytes",
+                    "onnx_check"):
             if key in a:
                 merged[key] = a[key]
     return merged

@@ -38,6 +38,8 @@ class StageContext:
     artifacts: dict[str, Any] = field(default_factory=dict)
     model_name: str | None = None
     num_classes: int | None = None
+    run_dir: Path | None = None
+    latency_batch_sizes: tuple[int, ...] = (1,)
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,16 @@ def get_stage(name: str) -> StageDef:
     if name not in _STAGES:
         raise unknown_choice("stage", name, _STAGES)
     return _STAGES[name]
+
+
+def stage_for_config(config: Any) -> str:
+    """The name of the stage whose config class ``config`` is an instance of (the most specific one)."""
+    _load_builtin_stages()
+    matches = [s for s in _STAGES.values() if type(config) is s.config]
+    if not matches:
+        valid = ", ".join(f"{s.config.__name__} ({s.name})" for s in sorted(_STAGES.values(), key=lambda s: s.name))
+        raise NetslimError(f"{type(config).__name__} is not a stage config; valid configs: {valid}")
+    return matches[0].name
 
 
 def build_config(stage_name: str, options: dict[str, Any] | None) -> Any:

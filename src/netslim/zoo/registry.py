@@ -10,6 +10,7 @@ from torch import nn
 from ..errors import NetslimError, unknown_choice
 from ..io import load_checkpoint
 from ..paths import shared_dir
+from .references import TIMM_PREFIX, build_timm, call_model_factory, is_factory_reference
 
 TORCHVISION_PREFIX = "torchvision:"
 
@@ -53,12 +54,20 @@ def names() -> list[str]:
 
 
 def spec(name: str) -> ModelSpec:
-    """The registered :class:`ModelSpec`; torchvision names get a 224x224 ImageNet spec."""
+    """The registered :class:`ModelSpec`; torchvision and timm names get a 224x224 ImageNet spec, a user's
+    factory (``file.py:factory``, ``package.module:factory``; see :mod:`netslim.zoo.references`) no input size."""
+    if not isinstance(name, str):
+        raise NetslimError(f"model must be a name or reference string, got {name!r}")
+    if is_factory_reference(name):
+        return ModelSpec(name, lambda **kw: call_model_factory(name, **kw), (), None)
+    if name.startswith(TIMM_PREFIX):
+        return ModelSpec(name, lambda **kw: build_timm(name, **kw), (1, 3, 224, 224), None)
     if name.startswith(TORCHVISION_PREFIX):
         _torchvision_builder(name)  # validates the name
         return ModelSpec(name, lambda **kw: _build_torchvision(name, **kw), (1, 3, 224, 224), None)
     if name not in _REGISTRY:
-        raise unknown_choice("model", name, names() + ["torchvision:<name>"])
+        raise unknown_choice("model", name, names() + ["torchvision:<name>", "timm:<name>", "file.py:factory",
+                                                       "package.module:factory"])
     return _REGISTRY[name]
 
 
