@@ -33,9 +33,9 @@ from torch import nn
 
 from netslim import data as nsdata
 from netslim import zoo
+from netslim.export import onnx_bytes, ort_latency_ms, ort_session, run_onnx
 from netslim.profile.latency import measure_latency as profile_latency
 from netslim.quant import CALIBRATORS, QuantConfig, quantization_aware_training, quantize, save_quantized
-from netslim.quant.export import onnx_qdq_bytes, ort_latency_ms, ort_run, ort_session
 from netslim.report import write_result
 from netslim.train import TrainConfig
 
@@ -50,7 +50,7 @@ def top1_torch(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> 
 
 
 def top1_ort(session, images: torch.Tensor, labels: torch.Tensor) -> float:
-    out = torch.cat([ort_run(session, images[i:i + 250]) for i in range(0, len(images), 250)])
+    out = torch.cat([run_onnx(session, images[i:i + 250])[0] for i in range(0, len(images), 250)])
     return 100.0 * (out.argmax(1) == labels).float().mean().item()
 
 
@@ -100,13 +100,8 @@ def ort_static(fp32_onnx: bytes, calibration: list[torch.Tensor], method: str) -
 
 
 def fp32_onnx(model: nn.Module) -> bytes:
-    """The float model through the same TorchScript exporter as the QDQ model, batch dimension dynamic."""
-    import io
-    buffer = io.BytesIO()
-    torch.onnx.export(copy.deepcopy(model).eval(), (X,), buffer, dynamo=False, opset_version=17,
-                      input_names=["input"], output_names=["output"],
-                      dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}})
-    return buffer.getvalue()
+    """The float model through the same exporter as the QDQ model (netslim.export), batch dimension dynamic."""
+    return onnx_bytes(model, X, opset=17)
 
 
 class Bench:
@@ -202,7 +197,7 @@ def run_model(name: str, bench: Bench, train, test_images, test_labels, calib: l
     qat_row(name, bench, model, train, loader, test_images, test_labels, base, params)
 
     # integer execution of netslim's model, and the peers
-    qdq = onnx_qdq_bytes(w8, X)
+    qdq = onnx_bytes(w8, X, opset=17)  # quantized: QDQ, dynamic batch
     session = ort_session(qdq, threads=args.threads)
     sim, ort_top1 = top1_torch(w8, test_images, test_labels), top1_ort(session, test_images, test_labels)
     bench.details["sim_vs_ort"][name] = {"simulation": sim, "onnxruntime": ort_top1}
@@ -246,7 +241,7 @@ def measure_latency(name, bench, model, ao, fp32, qdq, ort_int8) -> None:
         runs = {k: [] for k in [*sessions, "torch fp32", "torch.ao int8"]}
         for _ in range(2):
             for k, s in sessions.items():
-                runs[k].append(ort_latency_ms(s, x, repeats=bench.args.repeats))
+                runs[k].append(ort_latency_ms(s, x, batch_sizes=(batch,), repeats=bench.args.repeats)[batch])
             runs["torch fp32"].append(torch_latency_ms(model, x, repeats=bench.args.repeats))
             runs["torch.ao int8"].append(torch_latency_ms(ao, x, repeats=bench.args.repeats))
         result[f"batch {batch}"] = {k: round(min(v), 3) for k, v in runs.items()}

@@ -25,7 +25,8 @@ from netslim import NetslimError, zoo
 from netslim import data as nsdata
 from netslim.quant import (CALIBRATORS, QuantConfig, layer_sensitivity, load_quantized_, plan_bits,
                            quantization_aware_training, quantize, read_quantized, save_quantized)
-from netslim.quant.export import integer_ops, onnx_qdq_bytes, ort_run, ort_session
+from netslim.export import onnx_bytes, ort_session, run_onnx
+from netslim.quant.export import integer_ops
 from netslim.quant.modules import ActQuant, WeightQuant
 from netslim.train import TrainConfig
 
@@ -63,8 +64,8 @@ def weight_count_of(model: nn.Module, name: str) -> int:
 
 
 def ort_logits(qmodel: nn.Module, x: torch.Tensor, example: torch.Tensor) -> tuple[torch.Tensor, bytes]:
-    model_bytes = onnx_qdq_bytes(qmodel, example)
-    return ort_run(ort_session(model_bytes, threads=1), x), model_bytes
+    model_bytes = onnx_bytes(qmodel, example)  # a quantized model: the QDQ path
+    return run_onnx(ort_session(model_bytes, threads=1), x)[0], model_bytes
 
 
 def weight_quantizers(model: nn.Module) -> dict[str, WeightQuant]:

@@ -63,7 +63,7 @@ def test_prune_half_of_channels_keeps_output_shape_cuts_macs_and_exports_to_onnx
     dense, small = macs(model, x), macs(pruned, x)
     assert small < 0.62 * dense, f"{name}: only {dense / small:.2f}x fewer MACs"
     assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in model.parameters())
-    onnx_out = run_onnx(onnx_bytes(pruned, x), x)
+    onnx_out, = run_onnx(onnx_bytes(pruned, x), x)
     torch.testing.assert_close(onnx_out, y_pruned, rtol=1e-3, atol=1e-4)
 
 

@@ -5,7 +5,6 @@
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -127,7 +126,7 @@ def profile(model: nn.Module, example_input: torch.Tensor, *, latency: bool = Tr
     macs = sum(r.macs for r in rows) + other
     effective = sum(r.effective_macs for r in rows) + other
     size = stored_bytes(model) if stored_size is None else int(stored_size)
-    act = sum(math.prod(r.output_shape) * 4 for r in rows if r.output_shape)
+    act = sum(r.output_bytes for r in rows)
     lat = measure_latency(deployable_copy(model), example_input, batch_sizes, warmup, repeats, threads) if latency else {}
     return Profile(
         layers=rows, input_shape=tuple(example_input.shape),

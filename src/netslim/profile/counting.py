@@ -15,13 +15,20 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from ..outputs import output_nbytes, output_shapes
+
 COUNTED_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
                   nn.ConvTranspose3d, nn.Linear, nn.Bilinear)
 
 
 @dataclass
 class LayerStats:
-    """One row of a profile: a leaf module with parameters or MACs."""
+    """One row of a profile: a leaf module with parameters or MACs.
+
+    ``output_shape``: the shape of the layer's output tensor, or, for a layer that returns several
+    tensors (a tuple, list or dict), the tuple of their shapes in flattened order
+    (:mod:`netslim.outputs`). ``output_bytes``: bytes of all of them.
+    """
 
     name: str
     kind: str
@@ -29,27 +36,29 @@ class LayerStats:
     nonzero_params: int
     macs: int
     effective_macs: int
-    output_shape: tuple[int, ...] = field(default_factory=tuple)
+    output_shape: tuple = field(default_factory=tuple)
     activation_bytes: int = 0
+    output_bytes: int = 0
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d["output_shape"] = list(self.output_shape)
+        d["output_shape"] = _as_lists(self.output_shape)
         return d
+
+
+def _as_lists(shape: tuple) -> list:
+    return [_as_lists(s) if isinstance(s, tuple) else s for s in shape]
 
 
 def _numel(t) -> int:
     return int(t.numel()) if isinstance(t, torch.Tensor) else 0
 
 
-def _nbytes(obj) -> int:
-    if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, (tuple, list)):
-        return sum(_nbytes(o) for o in obj)
-    if isinstance(obj, dict):
-        return sum(_nbytes(o) for o in obj.values())
-    return 0
+def layer_output_shape(output) -> tuple:
+    """A tensor's shape; the shapes of every tensor of a tuple, list or dict output, in flattened order."""
+    if isinstance(output, torch.Tensor):
+        return tuple(output.shape)
+    return tuple(output_shapes(output))
 
 
 def layer_macs(module: nn.Module, inputs: tuple, output) -> int:
@@ -102,11 +111,11 @@ def count_layers(model: nn.Module, example_input: torch.Tensor) -> tuple[list[La
             if row is None:
                 params = sum(_numel(t) for t in tensors)
                 nonzero = sum(int(torch.count_nonzero(t.detach())) for t in tensors)
-                out_shape = tuple(output.shape) if isinstance(output, torch.Tensor) else ()
-                row = rows[name] = LayerStats(name, type(module).__name__, params, nonzero, 0, 0, out_shape, 0)
+                row = rows[name] = LayerStats(name, type(module).__name__, params, nonzero, 0, 0,
+                                              layer_output_shape(output), 0, output_nbytes(output))
             row.macs += macs
             row.effective_macs += macs * w_nonzero // w_total
-            row.activation_bytes = max(row.activation_bytes, _nbytes(inputs) + _nbytes(output))
+            row.activation_bytes = max(row.activation_bytes, output_nbytes(inputs) + output_nbytes(output))
         return fn
 
     for name, module in model.named_modules():

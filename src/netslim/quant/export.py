@@ -6,27 +6,30 @@ Weights are written as int8 initializers behind a DequantizeLinear (a QuantizeLi
 constant is folded here, so the file stores one byte per weight and the runtime sees the pattern it
 fuses). Activations narrower than 8 bits are a Clip in front of an 8-bit Q/DQ with the same step,
 which reproduces the narrower grid exactly.
+
+Running the file: :func:`netslim.export.ort_session`, :func:`~netslim.export.run_onnx` and
+:func:`~netslim.export.ort_latency_ms` (``ort_session`` is re-exported here for old callers).
 """
 from __future__ import annotations
 
 import copy
-import io
-import time
-import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from ..errors import NetslimError
+from ..export import ort_session
 from ..io import atomic_write
 
 
-def onnx_qdq_bytes(qmodel: nn.Module, example_input: torch.Tensor, opset: int = 17) -> bytes:
-    """Serialize a quantized model (from :func:`netslim.quant.quantize` or QAT) as a QDQ ONNX model."""
+def onnx_qdq_bytes(qmodel: nn.Module, example_input, opset: int = 17, *, dynamic_batch: bool = True) -> bytes:
+    """Serialize a quantized model (from :func:`netslim.quant.quantize` or QAT) as a QDQ ONNX model, with the
+    input and output names and dynamic batch axis of :func:`netslim.export.onnx_bytes` (which calls this
+    for quantized models)."""
     import onnx
 
+    from ..export import traced_onnx_bytes
     from .ptq import set_mode
 
     model = copy.deepcopy(qmodel).eval().cpu()
@@ -36,18 +39,7 @@ def onnx_qdq_bytes(qmodel: nn.Module, example_input: torch.Tensor, opset: int = 
             if hasattr(layer, "parametrizations") and "weight" in layer.parametrizations:
                 layer.parametrizations.weight.original.copy_(layer.weight)  # onto the grid, once
     set_mode(model, "export")
-    buffer = io.BytesIO()
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        try:
-            torch.onnx.export(model, (example_input.cpu(),), buffer, dynamo=False, opset_version=opset,
-                              input_names=["input"], output_names=["output"],
-                              dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}})
-        except TypeError:  # a torch without the dynamo switch
-            torch.onnx.export(model, (example_input.cpu(),), buffer, opset_version=opset,
-                              input_names=["input"], output_names=["output"],
-                              dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}})
-    graph = onnx.load_from_string(buffer.getvalue())
+    graph = onnx.load_from_string(traced_onnx_bytes(model, example_input, opset=opset, dynamic_batch=dynamic_batch))
     fold_constant_quantize(graph)
     drop_unused(graph)
     return graph.SerializeToString()
@@ -107,42 +99,10 @@ def fold_constant_quantize(model) -> int:
     return folded
 
 
-def to_onnx_qdq(qmodel: nn.Module, example_input: torch.Tensor, path: str | Path) -> Path:
-    """Write the QDQ ONNX file atomically."""
-    data = onnx_qdq_bytes(qmodel, example_input)
+def to_onnx_qdq(qmodel: nn.Module, example_input, path: str | Path, opset: int = 17) -> Path:
+    """Write the QDQ ONNX file atomically (what :func:`netslim.export.to_onnx` does for a quantized model)."""
+    data = onnx_qdq_bytes(qmodel, example_input, opset)
     return atomic_write(path, lambda f: f.write(data))
-
-
-def ort_session(model_file: str | Path | bytes, threads: int | None = None):
-    """An onnxruntime CPU session with all graph optimizations (QDQ fusion into integer kernels)."""
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        raise NetslimError("running ONNX models needs onnxruntime: pip install onnxruntime") from None
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if threads:
-        options.intra_op_num_threads = threads
-    source = model_file if isinstance(model_file, bytes) else str(model_file)
-    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
-
-
-def ort_run(session, x: torch.Tensor) -> torch.Tensor:
-    name = session.get_inputs()[0].name
-    return torch.from_numpy(session.run(None, {name: x.detach().cpu().numpy()})[0])
-
-
-def ort_latency_ms(session, x: torch.Tensor, repeats: int = 20, warmup: int = 3) -> float:
-    """Median wall time of one ``session.run`` on ``x``, in milliseconds."""
-    name, feed = session.get_inputs()[0].name, x.detach().cpu().numpy()
-    for _ in range(warmup):
-        session.run(None, {name: feed})
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        session.run(None, {name: feed})
-        times.append(time.perf_counter() - t0)
-    return 1000 * float(np.median(times))
 
 
 def integer_ops(model_bytes: bytes) -> dict[str, int]:
@@ -150,14 +110,10 @@ def integer_ops(model_bytes: bytes) -> dict[str, int]:
     import tempfile
 
     import onnx
-    import onnxruntime as ort
 
     with tempfile.TemporaryDirectory() as d:
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.optimized_model_filepath = str(Path(d) / "opt.onnx")
-        ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
-        graph = onnx.load(options.optimized_model_filepath)
+        ort_session(model_bytes, optimized_model_path=Path(d) / "opt.onnx")
+        graph = onnx.load(Path(d) / "opt.onnx")
     counts: dict[str, int] = {}
     for node in graph.graph.node:
         counts[node.op_type] = counts.get(node.op_type, 0) + 1

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ...errors import NetslimError, unknown_choice
+from ...outputs import shape_mismatch
 from ...surgery import bake_parametrizations_, safe_deepcopy
 from .apply import remove_groups_
 from .criteria import CRITERIA, group_scores
@@ -106,7 +107,9 @@ def structured(model: nn.Module, example_input: torch.Tensor, ratio: float = 0.5
     ``"latency:1.5"`` (measured at ``example_input``'s batch size) reached by bisection.
     ``criterion``: one of :data:`CRITERIA` (``taylor`` needs ``data``). ``round_to``: kept channel
     counts become multiples of it. ``exclude``: layers whose output channels stay (their inputs may shrink).
-    The output shape is unchanged; channels that cannot be removed safely are kept with a warning.
+    The output is unchanged in structure and shape - every tensor of a tuple, list or dict output (a
+    segmentation model's ``{"out", "aux"}``) is checked; channels that cannot be removed safely are kept
+    with a warning.
     """
     if criterion not in CRITERIA:
         raise unknown_choice("criterion", criterion, CRITERIA)
@@ -131,6 +134,7 @@ def structured(model: nn.Module, example_input: torch.Tensor, ratio: float = 0.5
             got = work(example_input)
         except RuntimeError as exc:
             raise NetslimError(f"the pruned model does not run ({exc}); please report this model") from None
-    if tuple(got.shape) != tuple(reference.shape):
-        raise NetslimError(f"pruning changed the output shape {tuple(reference.shape)} -> {tuple(got.shape)}")
+    mismatch = shape_mismatch(reference, got)
+    if mismatch:
+        raise NetslimError(f"pruning changed the model's outputs: {mismatch}; please report this model")
     return work

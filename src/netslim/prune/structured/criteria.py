@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...errors import NetslimError
+from ...outputs import flatten_outputs
 from ...train import TrainHook
 from .graph import DependencyGraph
 
@@ -143,7 +144,8 @@ def taylor_scores(model: nn.Module, graph: DependencyGraph, data: Iterable | Non
         if seen >= batches:
             break
         model.zero_grad(set_to_none=True)
-        F.cross_entropy(model(inputs.to(device)), targets.to(device)).backward()
+        logits = flatten_outputs(model(inputs.to(device)))[0]  # a segmentation model's "out": per-pixel classes
+        F.cross_entropy(logits, targets.to(device)).backward()
         per_group: dict[int, float] = defaultdict(float)
         for s in graph.slices:
             t = getattr(modules[s.module], s.param)

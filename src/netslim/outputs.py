@@ -1,0 +1,95 @@
+"""Model outputs of any structure: one tensor, or tuples, lists and dicts of them, nested.
+
+torchvision's segmentation models return ``OrderedDict(out=..., aux=...)``, its detection models (in eval
+mode) a list with one dict of boxes, labels and scores per image. Everything in netslim that looks at a
+model's output - the shape check after structured pruning, the profiler, the ONNX exporter and runner -
+goes through these helpers, so every output counts, in one order: the *flattened order* of
+``torch.utils._pytree`` (tuple and list items in order, dict values in insertion order, depth first).
+Leaves that are not tensors (``None``, numbers, strings) are skipped.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.utils import _pytree as pytree
+
+
+def flatten_outputs(output: Any) -> list[torch.Tensor]:
+    """Every tensor in ``output``, in flattened order (a single tensor gives a one-element list)."""
+    return [leaf for leaf in pytree.tree_leaves(output) if isinstance(leaf, torch.Tensor)]
+
+
+def output_names(output: Any, prefix: str = "output") -> list[str]:
+    """A name for every tensor of ``output`` in flattened order: ``output`` for a single tensor, else the
+    path inside the structure, e.g. ``out`` and ``aux`` for a dict, ``output_0`` for a tuple's first item,
+    ``0.boxes`` for the boxes of a detection model's first image."""
+    if isinstance(output, torch.Tensor):
+        return [prefix]
+    leaves, _ = pytree.tree_flatten_with_path(output)
+    names = []
+    for path, leaf in leaves:
+        if not isinstance(leaf, torch.Tensor):
+            continue
+        parts = [str(_key(k)) for k in path]
+        name = ".".join(parts) if parts and not parts[0].isdigit() else f"{prefix}_{'.'.join(parts)}"
+        names.append(name)
+    if len(set(names)) != len(names):  # keys that only differ in punctuation: fall back to positions
+        names = [f"{prefix}_{i}" for i in range(len(names))]
+    return names
+
+
+def _key(entry) -> object:
+    for attr in ("key", "idx", "name"):
+        if hasattr(entry, attr):
+            return getattr(entry, attr)
+    return entry
+
+
+def output_shapes(output: Any) -> list[tuple[int, ...]]:
+    """Shapes of every tensor of ``output``, in flattened order."""
+    return [tuple(t.shape) for t in flatten_outputs(output)]
+
+
+def output_nbytes(output: Any) -> int:
+    """Bytes of every tensor of ``output`` together."""
+    return sum(t.numel() * t.element_size() for t in flatten_outputs(output))
+
+
+def unflatten_like(template: Any, tensors: list[torch.Tensor]) -> Any:
+    """Put ``tensors`` (flattened order) back into the structure of ``template``; non-tensor leaves stay."""
+    leaves, spec = pytree.tree_flatten(template)
+    it = iter(tensors)
+    filled = [next(it) if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves]
+    return pytree.tree_unflatten(filled, spec)
+
+
+def shape_mismatch(reference: Any, got: Any) -> str | None:
+    """``None`` when ``got`` has as many tensors as ``reference`` with the same shapes, else one line saying
+    which output differs (by name) and how."""
+    ref, new = flatten_outputs(reference), flatten_outputs(got)
+    if len(ref) != len(new):
+        return f"{len(ref)} output tensors became {len(new)}"
+    for name, a, b in zip(output_names(reference), ref, new):
+        if a.shape != b.shape:
+            return f"output {name!r} changed shape {tuple(a.shape)} -> {tuple(b.shape)}"
+    return None
+
+
+def max_abs_difference(reference: Any, got: Any) -> float:
+    """Largest absolute difference over all tensors of two outputs of the same structure (float)."""
+    ref, new = flatten_outputs(reference), flatten_outputs(got)
+    if len(ref) != len(new):
+        raise ValueError(f"cannot compare {len(ref)} output tensors with {len(new)}")
+    diffs = [float((a.detach().double().cpu() - b.detach().double().cpu()).abs().max()) if a.numel() else 0.0
+             for a, b in zip(ref, new)]
+    return max(diffs, default=0.0)
+
+
+def all_finite(output: Any) -> bool:
+    """True when no floating-point tensor of ``output`` holds NaN or infinity."""
+    return all(bool(torch.isfinite(t).all()) for t in flatten_outputs(output) if t.is_floating_point())
+
+
+__all__ = ["flatten_outputs", "output_names", "output_shapes", "output_nbytes", "unflatten_like",
+           "shape_mismatch", "max_abs_difference", "all_finite"]
