@@ -10,38 +10,35 @@ from pathlib import Path
 
 from torch import nn
 
-from ..errors import NetslimError
 from ..profile import deployable_copy
 from .entropy import CodedStream, decode_stream, encode_stream, shannon_bits
 from .nsz import TensorReport, read_nsz, write_nsz
 
 
 def save(model: nn.Module, path: str | Path, arch: str | None = None, num_classes: int | None = None,
-         coders: tuple[str, ...] = ("huffman", "ans")) -> list[TensorReport]:
+         coders: tuple[str, ...] = ("huffman", "ans"), structure: dict | None = None) -> list[TensorReport]:
     """Encode the deployable form of ``model`` (masks and sharing baked in) into ``path``.
 
-    ``arch`` is the zoo name (``"lenet300"``, ``"torchvision:resnet18"``) that :func:`load` rebuilds;
-    without it, :func:`load` needs the model passed in.
+    ``arch`` is the model reference (``"lenet300"``, ``"torchvision:resnet18"``) that :func:`load` rebuilds,
+    ``structure`` what became of its modules (:func:`netslim.saving.structure_record`; :func:`netslim.save`
+    records it); both go into the header's ``arch`` object. Without ``arch``, :func:`load` needs the model
+    passed in.
     """
     tensors = deployable_copy(model).state_dict()
-    meta = {"name": arch, "num_classes": num_classes} if arch else None
+    meta = None
+    if arch:
+        meta = {"name": arch, "num_classes": num_classes}
+        if structure is not None:
+            meta["structure"] = structure
     return write_nsz(tensors, path, meta, coders)
 
 
 def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
-    """Decode ``path`` into ``model`` (or a model rebuilt from the file's zoo name), strictly."""
-    from .. import zoo
+    """Decode ``path`` into ``model`` (or a model rebuilt from the file's reference and structure), strictly
+    (:func:`netslim.saving.load_nsz`; :func:`netslim.load` also sets eval mode)."""
+    from ..saving import load_nsz
 
-    arch, tensors = read_nsz(path)
-    if model is None:
-        if not arch or not arch.get("name"):
-            raise NetslimError(f"{path} names no architecture; pass the model: encode.load(path, model)")
-        model = zoo.get(str(arch["name"]), num_classes=arch.get("num_classes"))
-    try:
-        model.load_state_dict(tensors, strict=True)
-    except RuntimeError as exc:
-        raise NetslimError(f"{path} does not fit the model: {str(exc).splitlines()[-1].strip()}") from None
-    return model
+    return load_nsz(path, model)
 
 
 def report_table(reports: list[TensorReport], min_elements: int = 1) -> str:

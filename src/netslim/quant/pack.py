@@ -4,7 +4,9 @@ Layout, little-endian::
 
     b"NSQ1"   magic
     u32       header length
-    header    zlib-compressed UTF-8 JSON: one entry per tensor (name, kind, shape, bits, byte offset and length)
+    header    zlib-compressed UTF-8 JSON: ``version``, ``tensors`` (one entry per tensor: name, kind, shape,
+              bits, byte offset and length) and, from :func:`netslim.save`, ``model`` (the architecture
+              reference, structure and quantization config that rebuild the model; see :mod:`netslim.saving`)
     payload   the tensors back to back: packed integer codes (8 bits: one per byte; 4 bits: two per
               byte; 2 bits: four per byte; other widths up to 16: a plain bit stream), per-channel
               scales and zero points, and every float tensor (biases, activation scales) raw
@@ -62,8 +64,9 @@ def _weight_quantizers(model: nn.Module) -> dict[str, WeightQuant]:
             if isinstance(m, WeightQuant)}
 
 
-def save_quantized(model: nn.Module, path: str | Path) -> Path:
-    """Write the quantized ``model``'s state: quantized weights as packed integers, the rest raw."""
+def save_quantized(model: nn.Module, path: str | Path, meta: dict | None = None) -> Path:
+    """Write the quantized ``model``'s state: quantized weights as packed integers, the rest raw; ``meta``
+    (plain JSON data) goes into the header as ``model``."""
     quantizers = _weight_quantizers(model)
     skip = {f"{n}.parametrizations.weight.original" for n in quantizers}
     skip |= {f"{n}.parametrizations.weight.0.zero_point" for n, q in quantizers.items() if q.spec.symmetric}
@@ -99,7 +102,8 @@ def save_quantized(model: nn.Module, path: str | Path) -> Path:
         entries.append(entry)
         blobs.append(blob)
         offset += len(blob)
-    header = zlib.compress(json.dumps({"version": 1, "tensors": entries}, separators=(",", ":")).encode(), 9)
+    fields = {"version": 1, "tensors": entries, **({"model": meta} if meta is not None else {})}
+    header = zlib.compress(json.dumps(fields, separators=(",", ":")).encode(), 9)
     body = MAGIC + struct.pack("<I", len(header)) + header + b"".join(blobs)
     data = body + struct.pack("<I", zlib.crc32(body))
     return atomic_write(path, lambda f: f.write(data))
@@ -112,6 +116,13 @@ def _check(cond: bool, path, what: str) -> None:
 
 def read_quantized(path: str | Path) -> dict[str, torch.Tensor]:
     """The state_dict stored in an ``.nsq`` file (weights dequantized back onto their float grid)."""
+    return read_nsq(path)[1]
+
+
+def read_nsq(path: str | Path) -> tuple[dict | None, dict[str, torch.Tensor]]:
+    """(the header's ``model`` record or None, the state_dict) of an ``.nsq`` file, every field checked."""
+    if not Path(path).is_file():
+        raise NetslimError(f"quantized model not found: {path}")
     data = Path(path).read_bytes()
     _check(len(data) >= 12 and data[:4] == MAGIC, path, "bad magic or too short")
     _check(zlib.crc32(data[:-4]) == struct.unpack("<I", data[-4:])[0], path, "checksum mismatch")
@@ -161,7 +172,9 @@ def read_quantized(path: str | Path) -> dict[str, torch.Tensor]:
         codes = torch.from_numpy(unpack_codes(blob, spec.bits, spec.qmin, count).reshape(e["shape"]))
         _check(bool(((codes >= spec.qmin) & (codes <= spec.qmax)).all()), path, f"codes of {e['name']}")
         state[e["name"]] = dequantize(codes, scale, state[e["zero_point"]], spec)
-    return state
+    model = header.get("model")
+    _check(model is None or isinstance(model, dict), path, "model record")
+    return model, state
 
 
 def load_quantized_(model: nn.Module, path: str | Path) -> nn.Module:

@@ -10,10 +10,12 @@ statistics) and learn the rounding of each layer (AdaRound, Nagel et al. 2020).
 from __future__ import annotations
 
 import copy
+import dataclasses
+import itertools
 import logging
 import warnings
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Any, Iterable
 
 import torch
 from torch import fx, nn
@@ -116,7 +118,56 @@ def prepare(model: nn.Module, example_input: torch.Tensor, config: QuantConfig) 
         else:
             per_layer_fallback(gm, make, tuple(config.exclude))
     gm.netslim_traced = traced
+    _attach_record(gm, {"config": dataclasses.asdict(config), "input_shape": [int(s) for s in example_input.shape],
+                        "float_model": _skeleton(model)})
     return gm, bn_stats
+
+
+QUANT_RECORD = "netslim_quant"
+
+
+def _skeleton(model: nn.Module) -> nn.Module:
+    """A copy of ``model``'s module tree whose parameters and buffers live on the meta device: its
+    structure, at no memory cost (what :func:`netslim.save` records for an ``.nsq`` file)."""
+    memo: dict[int, Any] = {}
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        meta = t.detach().to("meta")
+        memo[id(t)] = nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else meta
+    return copy.deepcopy(model, memo)
+
+
+def _attach_record(gm: nn.Module, record: dict) -> None:
+    if isinstance(gm, fx.GraphModule):
+        gm.meta[QUANT_RECORD] = record  # GraphModule's deepcopy keeps ``meta``, not other attributes
+    else:
+        gm.__dict__[QUANT_RECORD] = record
+
+
+def quant_record(model: nn.Module) -> dict | None:
+    """What :func:`prepare` recorded on a quantized model: ``config`` (the :class:`QuantConfig` as a dict),
+    ``input_shape`` (of the example input) and ``float_model`` (the float model's structure, on the meta
+    device); None for a model :func:`prepare` did not make."""
+    meta = getattr(model, "meta", None)
+    if isinstance(meta, dict) and QUANT_RECORD in meta:
+        return meta[QUANT_RECORD]
+    return model.__dict__.get(QUANT_RECORD)
+
+
+def rebuild_quantized(model: nn.Module, input_shape: list[int] | tuple[int, ...], config: QuantConfig,
+                      learn: str = "ste") -> nn.Module:
+    """The quantized structure :func:`quantize` makes of ``model`` (folded, with quantizers marked calibrated,
+    in ``quantize`` mode, steps learnable as ``learn`` says), without calibration data: the model to load a
+    saved quantized state into (``.nsq`` files, a resumed run)."""
+    from .qat import make_learnable_
+
+    qmodel, _ = prepare(model, torch.zeros(list(input_shape)), config)
+    quantize_weights_(qmodel, config)
+    for m in qmodel.modules():
+        if isinstance(m, ActQuant):
+            m.calibrated.fill_(True)
+    set_mode(qmodel, "quantize")
+    make_learnable_(qmodel, learn)
+    return qmodel
 
 
 def quantize_weights_(model: nn.Module, config: QuantConfig) -> dict[str, nn.Module]:

@@ -90,19 +90,11 @@ def _restore(model: nn.Module, cfg: QuantizeConfig, artifacts: dict | None = Non
         return model
     if cfg.method == "inq":
         return model
-    from .ptq import prepare, quantize_weights_, set_mode
+    from .ptq import rebuild_quantized
     shape = artifacts.get("input_shape")
     if not shape:
         raise NetslimError("cannot restore a ptq stage: its run state has no input shape")
-    qmodel, _ = prepare(model, torch.zeros(shape), cfg.ptq_config(artifacts.get("layer_bits")))
-    quantize_weights_(qmodel, cfg.ptq_config(artifacts.get("layer_bits")))
-    for m in qmodel.modules():
-        if hasattr(m, "calibrated"):
-            m.calibrated.fill_(True)
-    set_mode(qmodel, "quantize")
-    from .qat import make_learnable_
-    make_learnable_(qmodel, cfg.learn)
-    return qmodel
+    return rebuild_quantized(model, shape, cfg.ptq_config(artifacts.get("layer_bits")), cfg.learn)
 
 
 @stage("quantize", QuantizeConfig, restore=_restore)

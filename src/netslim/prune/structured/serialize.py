@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ...errors import NetslimError
-from ...io import load_checkpoint, save_torch
+from ...io import save_torch
 from .apply import _set_tensor, sync_attributes
 
 FORMAT = "netslim-pruned-v1"
@@ -60,26 +60,17 @@ def apply_structure_(model: nn.Module, structure: dict) -> nn.Module:
 
 
 def save_pruned(model: nn.Module, path: str | Path, arch: str, num_classes: int | None = None) -> Path:
-    """Write ``model`` (pruned from architecture ``arch``) so :func:`load_pruned` can rebuild it."""
+    """Write ``model`` (pruned from architecture ``arch``) so :func:`load_pruned` can rebuild it.
+
+    The ``netslim-pruned-v1`` format only holds layers that shrank; :func:`netslim.save` writes the
+    general ``netslim-model-v1`` (low-rank factors too), which :func:`load_pruned` reads as well."""
     payload = {"format": FORMAT, "arch": arch, "num_classes": num_classes,
                "structure": structure_of(model), "state_dict": model.state_dict()}
     return save_torch(payload, path)
 
 
 def load_pruned(path: str | Path) -> nn.Module:
-    """Rebuild a model saved by :func:`save_pruned` (no code is unpickled)."""
-    from ... import zoo
+    """Rebuild a model saved by :func:`save_pruned` or :func:`netslim.save` (no code is unpickled)."""
+    from ...saving import load
 
-    payload = load_checkpoint(path)
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise NetslimError(f"{path}: not a netslim pruned model (expected format {FORMAT!r})")
-    arch, num_classes = payload.get("arch"), payload.get("num_classes")
-    if not isinstance(arch, str) or not (num_classes is None or (isinstance(num_classes, int) and num_classes > 0)):
-        raise NetslimError(f"{path}: bad 'arch' or 'num_classes' field")
-    model = zoo.get(arch, num_classes=num_classes) if num_classes else zoo.get(arch)
-    apply_structure_(model, payload.get("structure"))
-    try:
-        model.load_state_dict(payload["state_dict"], strict=True)
-    except (RuntimeError, KeyError) as exc:
-        raise NetslimError(f"{path}: weights do not fit the recorded structure ({str(exc).splitlines()[0]})") from None
-    return model.eval()
+    return load(path)
