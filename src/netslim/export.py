@@ -8,11 +8,13 @@ shared weights) baked in. Both use the TorchScript-based exporter (``torch.onnx.
 several times faster than the ``torch.export`` one and the only one that writes QDQ pairs); if it fails
 the ``torch.export``-based exporter is tried, with a warning.
 
-Inputs are named ``input`` (``input_0``, ``input_1`` ... for several). Outputs: a model returning one
+Inputs are named ``input`` (``input_0``, ``input_1`` ... for several tensors, e.g. a list of images).
+Outputs: a model returning one
 tensor has one output ``output``; one returning a tuple, list or dict (a segmentation model's
 ``{"out": ..., "aux": ...}``) has one ONNX output per tensor, in the flattened order of
 :mod:`netslim.outputs` (dict values in insertion order), named after their place (``out``, ``aux``,
-``output_0`` ...). By default the batch axis is dynamic: the file runs at any batch size.
+``output_0`` ...). By default the batch axis is dynamic: the file runs at any batch size (a detection
+model taking a list of images keeps the example's number of images).
 
 :func:`run_onnx` returns a *list* of tensors, one per ONNX output in that order, whatever the model's
 structure (``netslim.outputs.unflatten_like(model_output, run_onnx(...))`` rebuilds the structure);
@@ -21,7 +23,6 @@ structure (``netslim.outputs.unflatten_like(model_output, run_onnx(...))`` rebui
 from __future__ import annotations
 
 import io
-import logging
 import statistics
 import time
 import warnings
@@ -34,12 +35,10 @@ from torch.nn.utils import parametrize
 
 from .errors import NetslimError
 from .io import atomic_write
-from .outputs import flatten_outputs, output_names
-
-log = logging.getLogger("netslim.export")
+from .outputs import as_args, flatten_outputs, output_names, tree_to
 
 OnnxSource = Union[str, Path, bytes]
-Inputs = Union[torch.Tensor, Sequence[torch.Tensor]]
+Inputs = Union[torch.Tensor, tuple, list]  # a tensor, a tuple of positional inputs, or one list of images
 
 
 # ---------------------------------------------------------------------------------------------- export
@@ -51,7 +50,8 @@ def to_onnx(model: nn.Module, example_input: Inputs, path: str | Path, *, opset:
 
 
 def onnx_bytes(model: nn.Module, example_input: Inputs, *, opset: int = 18, dynamic_batch: bool = True) -> bytes:
-    """Serialize ``model`` (traced on ``example_input``: a tensor or a tuple of tensors) as ONNX.
+    """Serialize ``model`` as ONNX, traced on ``example_input``: a tensor, a tuple of positional inputs, or
+    the list of images a torchvision detection model takes.
 
     Quantized models (netslim quantizers inside) become QDQ graphs that onnxruntime executes with integer
     kernels; other models are exported in float with parametrizations baked in. ``dynamic_batch``: the
@@ -79,49 +79,55 @@ def _float_export_copy(model: nn.Module) -> nn.Module:
     return clone
 
 
-def _as_tuple(example_input: Inputs) -> tuple[torch.Tensor, ...]:
-    if isinstance(example_input, torch.Tensor):
-        return (example_input,)
-    if isinstance(example_input, (tuple, list)) and example_input and all(
-            isinstance(t, torch.Tensor) for t in example_input):
-        return tuple(example_input)
-    raise NetslimError(f"example_input must be a tensor or a tuple of tensors, got {type(example_input).__name__}")
+def _input_tensors(example_input: Any) -> list[torch.Tensor]:
+    tensors = flatten_outputs(as_args(example_input))
+    if not tensors:
+        raise NetslimError(f"the example input holds no tensor ({type(example_input).__name__}): give a tensor, "
+                           "a tuple of tensors or a list of images")
+    return tensors
 
 
-def input_names(inputs: tuple[torch.Tensor, ...]) -> list[str]:
-    """``["input"]`` for one input, ``["input_0", "input_1", ...]`` for several."""
-    return ["input"] if len(inputs) == 1 else [f"input_{i}" for i in range(len(inputs))]
+def input_names(example_input: Any) -> list[str]:
+    """``["input"]`` for one input tensor, ``["input_0", "input_1", ...]`` for several (flattened order)."""
+    n = len(_input_tensors(example_input))
+    return ["input"] if n == 1 else [f"input_{i}" for i in range(n)]
 
 
-def export_names(model: nn.Module, inputs: tuple[torch.Tensor, ...], dynamic_batch: bool
+def export_names(model: nn.Module, example_input: Any, dynamic_batch: bool
                  ) -> tuple[list[str], list[str], dict[str, dict[int, str]] | None]:
-    """Input names, output names (flattened order) and dynamic axes for exporting ``model`` on ``inputs``
-    (one forward pass): with ``dynamic_batch``, axis 0 of the inputs and of every output as long as the
-    batch (not a detection model's box count) is named ``batch``."""
+    """Input names, output names (flattened order) and dynamic axes for exporting ``model`` on
+    ``example_input`` (one forward pass). With ``dynamic_batch``, axis 0 of each positional tensor input and
+    of every output as long as the batch is named ``batch``; a model taking a list of images (torchvision's
+    detection models) keeps the example's number of images, and its per-image box counts stay dynamic."""
+    args = as_args(example_input)
     with torch.no_grad():
-        output = model(*inputs)
+        output = model(*args)
     if not flatten_outputs(output):
         raise NetslimError(f"the model returns no tensor ({type(output).__name__}): nothing to export")
-    ins, outs = input_names(inputs), output_names(output)
+    ins, outs = input_names(example_input), output_names(output)
     if not dynamic_batch:
         return ins, outs, None
-    batch = inputs[0].shape[0] if inputs[0].dim() else None
-    axes = {name: {0: "batch"} for name, t in zip(ins, inputs) if t.dim()}
+    batched = [isinstance(a, torch.Tensor) and a.dim() > 0 for a in args]
+    if len(ins) != len(args) or not any(batched):  # nested inputs: no batch axis to name
+        return ins, outs, {}
+    batch = next(a.shape[0] for a, b in zip(args, batched) if b)
+    axes = {name: {0: "batch"} for name, b in zip(ins, batched) if b}
     for name, t in zip(outs, flatten_outputs(output)):
         if t.dim() and t.shape[0] == batch:
             axes[name] = {0: "batch"}
     return ins, outs, axes
 
 
-def traced_onnx_bytes(model: nn.Module, example_input: Inputs, *, opset: int = 18,
+def traced_onnx_bytes(model: nn.Module, example_input: Any, *, opset: int = 18,
                       dynamic_batch: bool = True) -> bytes:
     """The ONNX writer below :func:`onnx_bytes` and the QDQ path: ``model`` exported as it is (no copy, no
     baking) with netslim's input/output names and dynamic batch axis."""
-    inputs = tuple(t.cpu() for t in _as_tuple(example_input))
+    _input_tensors(example_input)
+    args = tree_to(as_args(example_input), "cpu")
     model = model.eval()
-    ins, outs, axes = export_names(model, inputs, dynamic_batch)
+    ins, outs, axes = export_names(model, args, dynamic_batch)
     try:
-        return _torchscript_export(model, inputs, opset, ins, outs, axes)
+        return _torchscript_export(model, args, opset, ins, outs, axes)
     except Exception as first:
         if is_quantized(model):
             raise NetslimError(f"ONNX export of the quantized model failed: {type(first).__name__}: "
@@ -129,7 +135,7 @@ def traced_onnx_bytes(model: nn.Module, example_input: Inputs, *, opset: int = 1
         warnings.warn(f"the TorchScript ONNX exporter failed ({type(first).__name__}: {str(first)[:200]}); "
                       "trying the torch.export-based exporter", stacklevel=2)
         try:
-            return _dynamo_export(model, inputs, opset, ins, outs, dynamic_batch)
+            return _dynamo_export(model, args, opset, ins, outs, bool(axes))
         except Exception as second:
             raise NetslimError(f"ONNX export failed: TorchScript exporter: {type(first).__name__}: "
                                f"{str(first)[:200]}; torch.export exporter: {type(second).__name__}: "
@@ -158,7 +164,7 @@ def _dynamo_export(model, inputs, opset, ins, outs, dynamic_batch) -> bytes:
     shapes = None
     if dynamic_batch:
         batch = torch.export.Dim("batch")
-        shapes = tuple({0: batch} if t.dim() else None for t in inputs)
+        shapes = tuple({0: batch} if isinstance(t, torch.Tensor) and t.dim() else None for t in inputs)
     buffer = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -179,6 +185,7 @@ def ort_session(model_file: OnnxSource, threads: int | None = None, *, optimized
         options.intra_op_num_threads = int(threads)
     if optimized_model_path is not None:
         options.optimized_model_filepath = str(optimized_model_path)
+        options.log_severity_level = 3  # not the notice that the written graph is specific to this machine
     if isinstance(model_file, (bytes, bytearray)):
         source = bytes(model_file)
     else:
@@ -200,17 +207,17 @@ def _session(model: Any, threads: int | None = None):
     return model if hasattr(model, "get_inputs") and hasattr(model, "run") else ort_session(model, threads)
 
 
-def _feed(session, inputs: Inputs) -> dict:
-    tensors = _as_tuple(inputs)
+def _feed(session, inputs: Any) -> dict:
+    tensors = _input_tensors(inputs)
     names = [i.name for i in session.get_inputs()]
     if len(names) != len(tensors):
         raise NetslimError(f"the ONNX model takes {len(names)} inputs ({', '.join(names)}), got {len(tensors)}")
     return {n: t.detach().cpu().contiguous().numpy() for n, t in zip(names, tensors)}
 
 
-def run_onnx(model: Any, inputs: Inputs) -> list[torch.Tensor]:
-    """Run an ONNX model (file, bytes or :func:`ort_session`) in onnxruntime on ``inputs`` (a tensor or a
-    tuple of tensors). Returns one tensor per ONNX output, in the flattened order of the PyTorch model's
+def run_onnx(model: Any, inputs: Any) -> list[torch.Tensor]:
+    """Run an ONNX model (file, bytes or :func:`ort_session`) in onnxruntime on ``inputs``: the same form
+    as the example input it was exported with (a tensor, a tuple of tensors, a list of images). Returns one tensor per ONNX output, in the flattened order of the PyTorch model's
     output (:mod:`netslim.outputs`): ``run_onnx(...)[0]`` for a classifier."""
     session = _session(model)
     feed = _feed(session, inputs)
@@ -228,12 +235,17 @@ def ort_latency_ms(session_or_file: Any, example_input: Inputs, batch_sizes: Seq
                    threads: int | None = None, repeats: int = 20, warmup: int = 3) -> dict[int, float]:
     """Median milliseconds of one onnxruntime run per batch size (the example's first sample repeated to
     each batch size), after ``warmup`` runs; the same protocol as :func:`netslim.profile.measure_latency`.
-    ``threads`` applies when a session is made here from a file or bytes."""
+    ``threads`` applies when a session is made here from a file or bytes. A model taking a list of images
+    is timed on the example as given, keyed by its number of images."""
     session = _session(session_or_file, threads)
-    samples = tuple(t[:1] for t in _as_tuple(example_input))
+    args = as_args(example_input)
+    if all(isinstance(a, torch.Tensor) and a.dim() for a in args):
+        feeds = {int(bs): tuple(a[:1].expand(bs, *a.shape[1:]) for a in args) for bs in batch_sizes}
+    else:
+        feeds = {len(_input_tensors(example_input)): example_input}
     result: dict[int, float] = {}
-    for bs in batch_sizes:
-        feed = _feed(session, tuple(s.expand(bs, *s.shape[1:]) for s in samples))
+    for bs, inputs in feeds.items():
+        feed = _feed(session, inputs)
         for _ in range(warmup):
             session.run(None, feed)
         times = []
@@ -241,22 +253,23 @@ def ort_latency_ms(session_or_file: Any, example_input: Inputs, batch_sizes: Seq
             t0 = time.perf_counter()
             session.run(None, feed)
             times.append((time.perf_counter() - t0) * 1e3)
-        result[int(bs)] = statistics.median(times)
+        result[bs] = statistics.median(times)
     return result
 
 
 def check_onnx(model: nn.Module, onnx_file: Any, inputs: Inputs) -> dict:
     """Run ``model`` in PyTorch and the ONNX file (path, bytes or session) in onnxruntime on ``inputs``.
 
-    Returns ``outputs`` (how many tensors), ``max_abs_diff`` (over all of them), ``per_output``
-    (name -> max abs difference) and ``top1_agreement``: for a classifier (one 2-D output), the share of
-    samples whose arg-max class is the same; ``None`` for other models.
+    Returns ``outputs`` (how many tensors), ``max_abs_diff`` (over all of them; infinite when a shape
+    differs), ``per_output`` (name -> max abs difference), ``shape_mismatches`` (names of outputs whose
+    shapes differ, e.g. a detection model that found another number of boxes) and ``top1_agreement``: for a
+    classifier (one 2-D output), the share of samples whose arg-max class is the same; ``None`` otherwise.
     """
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            reference = model(*_as_tuple(inputs))
+            reference = model(*as_args(inputs))
     finally:
         model.train(was_training)
     expected = flatten_outputs(reference)
@@ -264,16 +277,18 @@ def check_onnx(model: nn.Module, onnx_file: Any, inputs: Inputs) -> dict:
     if len(got) != len(expected):
         raise NetslimError(f"the ONNX model has {len(got)} outputs, the PyTorch model {len(expected)}: "
                            "was it exported from this model?")
-    per_output = {}
+    per_output, mismatches = {}, []
     for name, a, b in zip(output_names(reference), expected, got):
         if tuple(a.shape) != tuple(b.shape):
-            raise NetslimError(f"output {name!r}: onnxruntime gave shape {tuple(b.shape)}, PyTorch {tuple(a.shape)}")
-        per_output[name] = float((a.detach().cpu().double() - b.double()).abs().max()) if a.numel() else 0.0
+            per_output[name] = float("inf")
+            mismatches.append(name)
+        else:
+            per_output[name] = float((a.detach().cpu().double() - b.double()).abs().max()) if a.numel() else 0.0
     top1 = None
-    if len(expected) == 1 and expected[0].dim() == 2:
+    if len(expected) == 1 and expected[0].dim() == 2 and not mismatches:
         top1 = float((expected[0].argmax(1).cpu() == got[0].argmax(1)).float().mean())
     return {"outputs": len(expected), "max_abs_diff": max(per_output.values(), default=0.0),
-            "per_output": per_output, "top1_agreement": top1}
+            "per_output": per_output, "shape_mismatches": mismatches, "top1_agreement": top1}
 
 
 __all__ = ["to_onnx", "onnx_bytes", "traced_onnx_bytes", "is_quantized", "export_names", "input_names",

@@ -6,6 +6,9 @@ model's output - the shape check after structured pruning, the profiler, the ONN
 goes through these helpers, so every output counts, in one order: the *flattened order* of
 ``torch.utils._pytree`` (tuple and list items in order, dict values in insertion order, depth first).
 Leaves that are not tensors (``None``, numbers, strings) are skipped.
+
+Inputs follow one rule too (:func:`as_args`): a tuple is the model's positional arguments, anything else
+(a tensor, a detection model's list of images) is its one argument.
 """
 from __future__ import annotations
 
@@ -18,6 +21,26 @@ from torch.utils import _pytree as pytree
 def flatten_outputs(output: Any) -> list[torch.Tensor]:
     """Every tensor in ``output``, in flattened order (a single tensor gives a one-element list)."""
     return [leaf for leaf in pytree.tree_leaves(output) if isinstance(leaf, torch.Tensor)]
+
+
+def as_args(example_input: Any) -> tuple:
+    """The positional arguments ``model(*as_args(x))`` takes: a tuple as given, anything else as the one
+    argument (a tensor, or the list of images a torchvision detection model takes)."""
+    return example_input if isinstance(example_input, tuple) else (example_input,)
+
+
+def tree_to(obj: Any, device: str | torch.device) -> Any:
+    """``obj`` with every tensor in it moved to ``device`` (other leaves unchanged)."""
+    return pytree.tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, obj)
+
+
+def batch_size(example_input: Any) -> int | None:
+    """The batch size of a tensor input or of the first tensor of a tuple of positional inputs; ``None``
+    for a list of images (each image is its own tensor) or an input without tensors."""
+    first = next((a for a in as_args(example_input) if isinstance(a, torch.Tensor)), None)
+    if first is None or first.dim() == 0 or not all(isinstance(a, torch.Tensor) for a in as_args(example_input)):
+        return None
+    return int(first.shape[0])
 
 
 def output_names(output: Any, prefix: str = "output") -> list[str]:
@@ -65,13 +88,17 @@ def unflatten_like(template: Any, tensors: list[torch.Tensor]) -> Any:
 
 
 def shape_mismatch(reference: Any, got: Any) -> str | None:
-    """``None`` when ``got`` has as many tensors as ``reference`` with the same shapes, else one line saying
-    which output differs (by name) and how."""
+    """``None`` when ``got`` has as many tensors as ``reference``, each of the same rank and the same size in
+    every dimension but the first, else one line naming the output that differs and how.
+
+    The first dimension is the batch, or a count that depends on the data (the boxes a detection model
+    found in an image): a model whose channels were removed keeps the first and must keep all the others.
+    """
     ref, new = flatten_outputs(reference), flatten_outputs(got)
     if len(ref) != len(new):
         return f"{len(ref)} output tensors became {len(new)}"
     for name, a, b in zip(output_names(reference), ref, new):
-        if a.shape != b.shape:
+        if a.dim() != b.dim() or a.shape[1:] != b.shape[1:]:
             return f"output {name!r} changed shape {tuple(a.shape)} -> {tuple(b.shape)}"
     return None
 
@@ -91,5 +118,5 @@ def all_finite(output: Any) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in flatten_outputs(output) if t.is_floating_point())
 
 
-__all__ = ["flatten_outputs", "output_names", "output_shapes", "output_nbytes", "unflatten_like",
+__all__ = ["as_args", "tree_to", "batch_size", "flatten_outputs", "output_names", "output_shapes", "output_nbytes", "unflatten_like",
            "shape_mismatch", "max_abs_difference", "all_finite"]

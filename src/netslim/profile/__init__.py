@@ -6,10 +6,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
+from ..outputs import output_shapes
 from .counting import LayerStats, count_layers
 from .energy import EnergyEstimate, estimate_energy
 from .latency import measure_latency
@@ -20,7 +22,7 @@ class Profile:
     """Totals and per-layer rows of one model on one input shape."""
 
     layers: list[LayerStats]
-    input_shape: tuple[int, ...]
+    input_shape: tuple  # the input's shape, or the shapes of every input tensor (tuple or list input)
     params: int
     nonzero_params: int
     macs: int
@@ -77,6 +79,13 @@ def human(n: float) -> str:
     return str(int(n))
 
 
+def input_shape(example_input: Any) -> tuple:
+    """A tensor's shape; the tuple of every input tensor's shape for a tuple or a list of inputs."""
+    if isinstance(example_input, torch.Tensor):
+        return tuple(example_input.shape)
+    return tuple(output_shapes(example_input))
+
+
 def deployed_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """Every parameter and buffer as it would be stored after baking parametrizations in
     (a masked weight counts as the masked tensor, the mask itself is not stored)."""
@@ -108,10 +117,12 @@ def stored_bytes(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in deployed_tensors(model).values())
 
 
-def profile(model: nn.Module, example_input: torch.Tensor, *, latency: bool = True,
+def profile(model: nn.Module, example_input: Any, *, latency: bool = True,
             batch_sizes: tuple[int, ...] = (1,), warmup: int = 5, repeats: int = 20, threads: int | None = None,
             stored_size: int | None = None, index_size: int = 0, mac_bits: int = 32) -> Profile:
-    """Profile ``model`` on ``example_input``.
+    """Profile ``model`` on ``example_input``: a tensor, a tuple of positional inputs, or the list of
+    images a torchvision detection model takes (:func:`netslim.outputs.as_args`). The model may return
+    any structure of tensors; every layer's output shapes and bytes count.
 
     Latency is measured on :func:`deployable_copy` (masks and other parametrizations baked in).
     ``stored_size`` / ``index_size`` override the dense stored form when the caller knows the
@@ -129,7 +140,7 @@ def profile(model: nn.Module, example_input: torch.Tensor, *, latency: bool = Tr
     act = sum(r.output_bytes for r in rows)
     lat = measure_latency(deployable_copy(model), example_input, batch_sizes, warmup, repeats, threads) if latency else {}
     return Profile(
-        layers=rows, input_shape=tuple(example_input.shape),
+        layers=rows, input_shape=input_shape(example_input),
         params=sum(p.numel() for p in model.parameters()),
         nonzero_params=sum(r.nonzero_params for r in rows),
         macs=macs, effective_macs=effective, other_macs=other, stored_bytes=size, index_bytes=int(index_size),

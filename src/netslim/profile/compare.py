@@ -12,10 +12,14 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
+
+from ..errors import NetslimError
+from ..outputs import tree_to
 
 RATIO_NAMES = ("r_A", "r_p", "r_T", "r_c", "r_E", "r_D")
 
@@ -84,12 +88,13 @@ def _ms(x: float | None) -> str:
 
 
 def compare(original: nn.Module, compressed: nn.Module, data: DataLoader | None = None, *,
-            example_input: torch.Tensor | None = None, batch_sizes: tuple[int, ...] = (1,),
+            example_input: Any = None, batch_sizes: tuple[int, ...] = (1,),
             latency: bool = True, compressed_stored_size: int | None = None, compressed_index_size: int = 0,
             top1_original: float | None = None, device: str | torch.device = "cpu", repeats: int = 20) -> Comparison:
     """Profile both models on the same input in the same run and evaluate both on ``data``.
 
-    ``example_input`` defaults to one sample of ``data``. Latencies of the two models are
+    ``example_input`` (a tensor, a tuple of inputs or a list of images, as for :func:`profile`) defaults to
+    one sample of ``data``. Latencies of the two models are
     measured back to back in this call with the same settings, so their ratio is fair.
     """
     from . import profile
@@ -97,9 +102,9 @@ def compare(original: nn.Module, compressed: nn.Module, data: DataLoader | None 
 
     if example_input is None:
         if data is None:
-            raise ValueError("compare needs example_input or data")
+            raise NetslimError("compare needs example_input or data (a DataLoader of (inputs, targets)); got neither")
         example_input = next(iter(data))[0][:1]
-    example_input = example_input.to(device)
+    example_input = tree_to(example_input, device)
     p_orig = profile(original, example_input, latency=latency, batch_sizes=batch_sizes, repeats=repeats)
     p_comp = profile(compressed, example_input, latency=latency, batch_sizes=batch_sizes, repeats=repeats,
                      stored_size=compressed_stored_size, index_size=compressed_index_size)

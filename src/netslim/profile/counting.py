@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from ..outputs import output_nbytes, output_shapes
+from ..outputs import as_args, output_nbytes, output_shapes
 
 COUNTED_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
                   nn.ConvTranspose3d, nn.Linear, nn.Bilinear)
@@ -97,8 +97,9 @@ def _is_leaf_for_stats(module: nn.Module) -> bool:
     return not children
 
 
-def count_layers(model: nn.Module, example_input: torch.Tensor) -> tuple[list[LayerStats], int]:
-    """Run ``model(example_input)`` once; return per-layer stats and the MACs of unhooked ops."""
+def count_layers(model: nn.Module, example_input) -> tuple[list[LayerStats], int]:
+    """Run ``model`` once on ``example_input`` (a tensor, a tuple of positional inputs or a list of images:
+    :func:`netslim.outputs.as_args`); return per-layer stats and the MACs of unhooked ops."""
     rows: dict[str, LayerStats] = {}
     handles = []
 
@@ -126,7 +127,7 @@ def count_layers(model: nn.Module, example_input: torch.Tensor) -> tuple[list[La
     try:
         counter = FlopCounterMode(display=False)
         with torch.no_grad(), counter:
-            model(example_input)
+            model(*as_args(example_input))
     finally:
         for h in handles:
             h.remove()

@@ -8,6 +8,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from ..outputs import as_args, batch_size, flatten_outputs
+
 
 @contextmanager
 def fixed_threads(threads: int | None):
@@ -21,29 +23,34 @@ def fixed_threads(threads: int | None):
         torch.set_num_threads(previous)
 
 
-def measure_latency(model: nn.Module, example_input: torch.Tensor, batch_sizes: tuple[int, ...] = (1,),
+def measure_latency(model: nn.Module, example_input, batch_sizes: tuple[int, ...] = (1,),
                     warmup: int = 5, repeats: int = 20, threads: int | None = None) -> dict[int, float]:
     """Median milliseconds of one forward pass per batch size.
 
-    The example input's first sample is repeated to each batch size; the model runs in
-    ``inference_mode`` on the device of ``example_input``.
+    The example input's first sample is repeated to each batch size (every positional input of a tuple);
+    the model runs in ``inference_mode`` on the device of ``example_input``. A model taking a list of
+    images (torchvision's detection models) is timed on the example as given, keyed by its number of images.
     """
-    sample = example_input[:1]
-    device = sample.device
+    args = as_args(example_input)
+    tensors = flatten_outputs(args)
+    device = tensors[0].device if tensors else torch.device("cpu")
+    if batch_size(example_input) is not None:
+        runs = {bs: tuple(a[:1].expand(bs, *a.shape[1:]).contiguous() for a in args) for bs in batch_sizes}
+    else:
+        runs = {len(tensors): args}
     was_training = model.training
     model.eval()
     result: dict[int, float] = {}
     try:
         with fixed_threads(threads), torch.inference_mode():
-            for bs in batch_sizes:
-                x = sample.expand(bs, *sample.shape[1:]).contiguous()
+            for bs, x in runs.items():
                 for _ in range(warmup):
-                    model(x)
+                    model(*x)
                 times = []
                 for _ in range(repeats):
                     _sync(device)
                     t0 = time.perf_counter()
-                    model(x)
+                    model(*x)
                     _sync(device)
                     times.append((time.perf_counter() - t0) * 1e3)
                 result[bs] = statistics.median(times)

@@ -230,6 +230,9 @@ class _Tracer(TorchFunctionMode):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         name = _func_name(func)
+        if name == "__setitem__":
+            self._guarded(name, args, kwargs, None, lambda: self._setitem(args))
+            return out
         if name in _IGNORED or not _tensors_in(out):
             return out
         handler = getattr(self, f"_op_{name}", None)
@@ -253,6 +256,36 @@ class _Tracer(TorchFunctionMode):
             for t in _tensors_in(out):
                 self.set_lab(t, _const(FIXED, t.dim()))
         return out
+
+    def _guarded(self, name, args, kwargs, out, handle) -> None:
+        try:
+            handle()
+        except Exception as exc:
+            for t in _tensors_in(args) + _tensors_in(kwargs):
+                self.fix(self.lab(t), f"{name}: {exc}")
+            for t in _tensors_in(out):
+                self.set_lab(t, _const(FIXED, t.dim()))
+
+    def _setitem(self, args) -> None:
+        """``target[index] = value`` writes ``value``'s channels into ``target`` (torchvision's multi-scale
+        RoI align fills a zeros tensor level by level): when every labelled axis of ``value`` is a whole
+        axis of ``target`` the two share labels there; otherwise both keep all their channels."""
+        target, value = args[0], args[2] if len(args) > 2 else None
+        if not isinstance(target, torch.Tensor):
+            return
+        if not isinstance(value, torch.Tensor):  # a constant written at fixed positions: keep them where they are
+            self.fix(self.lab(target), "__setitem__ of a constant into a channel axis")
+            return
+        t_lab, v_lab = self.lab(target), self.lab(value)
+        lines_up = (value.dim() == target.dim() == t_lab.dim() == v_lab.dim()
+                    and all(v_lab.shape[d] == 1 or value.shape[d] == target.shape[d] for d in range(value.dim()))
+                    and all(t_lab.shape[d] == 1 or value.shape[d] == target.shape[d] for d in range(value.dim())))
+        if lines_up:
+            self._broadcast_unite([target, value], [target])
+        else:
+            self.fix(t_lab, "__setitem__ into a channel axis")
+            self.fix(v_lab, "__setitem__ into a channel axis")
+            self.set_lab(target, _const(FIXED, target.dim()))
 
     # ---------------------------------------------------------------- layers
     def _op_conv(self, args, kwargs, out) -> None:
@@ -509,7 +542,9 @@ class _Tracer(TorchFunctionMode):
 
 
 def trace(model: nn.Module, example_input) -> DependencyGraph:
-    """Trace ``model`` once on ``example_input`` (a tensor or a tuple of tensors) into a :class:`DependencyGraph`."""
+    """Trace ``model`` once on ``example_input`` into a :class:`DependencyGraph`: a tensor, a tuple of
+    positional arguments, or one list of tensors (a detection model's images); the output may be any
+    structure of tensors (every tensor of it keeps its channels)."""
     graph = DependencyGraph()
     tracer = _Tracer(model, graph)
     inputs = example_input if isinstance(example_input, tuple) else (example_input,)
@@ -517,7 +552,7 @@ def trace(model: nn.Module, example_input) -> DependencyGraph:
     model.eval()
     try:
         with torch.no_grad(), tracer:
-            for t in inputs:
+            for t in _tensors_in(inputs):
                 tracer.set_lab(t, _const(FIXED, t.dim()))
             out = model(*inputs)
         for t in _tensors_in(out):
