@@ -117,7 +117,8 @@ def test_ptq_w8a8_resnet20_round_trips_through_nsq(pruned, tmp_path):
     path = save(qmodel, tmp_path / "q.nsq", arch="resnet20")
     meta = _nsq_header(path)["model"]
     assert meta["arch"] == "resnet20" and meta["quant"]["input_shape"] == list(X.shape)
-    assert meta["quant"]["config"]["layer_bits"] == {"fc": 6} and meta["quant"]["learn"] == "lsq"
+    layer_bits = meta["quant"]["config"]["layer_bits"]  # every quantized layer's actual width
+    assert layer_bits["fc"] == 6 and layer_bits["conv1"] == 8 and meta["quant"]["learn"] == "lsq"
     assert _records(meta["structure"])["conv1"]["args"]["out_channels"] == pruned.conv1.out_channels
     loaded = load(path)
     torch.testing.assert_close(_outputs(loaded), _outputs(qmodel), rtol=1e-5, atol=1e-5)
@@ -256,10 +257,11 @@ def test_tampered_nsz_and_nsq_headers_are_refused(pruned, tmp_path):
     qmodel = quantize(pruned, X, [X], QuantConfig())
     path = save(qmodel, tmp_path / "q.nsq", arch="resnet20")
     for key, value, message in [("weight_bits", "8", r"quant\.config\.weight_bits = '8'"),
-                                ("weight_bits", 40, r"bad field quant\.config: bit width"),
+                                ("weight_bits", 40, r"quant\.config\.weight_bits = 40 \(must be an integer in 2\.\.16"),
                                 ("input_shape", [2, -3, 32, 32], r"quant\.input_shape"),
                                 ("input_shape", [10 ** 6, 3, 32, 32], r"quant\.input_shape"),
-                                ("learn", "magic", r"quant\.learn")]:
+                                ("learn", "magic", r"quant\.learn"),
+                                ("calibrator", "magic", r"bad field quant\.config: unknown calibrator")]:
         header = _nsq_header(path)
         quant = header["model"]["quant"]
         (quant if key in quant else quant["config"])[key] = value
@@ -295,6 +297,11 @@ def test_what_cannot_be_recorded_is_refused_at_save(pruned, tmp_path):
         save(quantize(pruned, X, [X], QuantConfig()), tmp_path / "q.pt", arch="resnet20")
     with pytest.raises(NetslimError, match="arch builds a LeNet5"):
         save(pruned, tmp_path / "wrong.pt", arch="lenet5")
+    masked = zoo.get("lenet5")
+    magnitude_prune_(masked, 0.5)
+    x = torch.randn(4, 1, 28, 28)
+    with pytest.raises(NetslimError, match="bake them in first"):
+        save(quantize(masked, x, [x], QuantConfig()), tmp_path / "mq.nsq", arch="lenet5")
     assert not list(tmp_path.iterdir())  # nothing half-written
 
 

@@ -48,7 +48,7 @@ import sys
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -435,36 +435,37 @@ def load_nsz(path: str | Path, model: nn.Module | None = None) -> nn.Module:
 
 
 # ------------------------------------------------------------------ .nsq
+#: the QuantConfig fields that shape the quantized model, and what each must be; the other recorded
+#: fields (weight_range, bias_correction, adaround, ...) only changed values, which the file holds
+_REPLAY_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "weight_bits": (lambda v: _is_int(v, 2, 16), "an integer in 2..16"),
+    "act_bits": (lambda v: v == 0 or _is_int(v, 2, 16), "0 or an integer in 2..16"),
+    "per_channel": (lambda v: isinstance(v, bool), "true or false"),
+    "calibrator": (lambda v: isinstance(v, str) and len(v) <= 64, "a calibrator name"),
+    "percentile": (lambda v: _is_real(v) and 0 < v <= 100, "a number in (0, 100]"),
+    "symmetric_activations": (lambda v: isinstance(v, bool), "true or false"),
+    "cle": (lambda v: isinstance(v, bool), "true or false"),
+    "relu6_to_relu": (lambda v: isinstance(v, bool), "true or false"),
+    "quantize_output": (lambda v: isinstance(v, bool), "true or false"),
+    "layer_bits": (lambda v: isinstance(v, dict) and len(v) <= MAX_RECORDS and all(
+        isinstance(k, str) and len(k) <= MAX_NAME and _is_int(b, 2, 16) for k, b in v.items()),
+        "an object of layer names to integers in 2..16"),
+    "exclude": (lambda v: isinstance(v, list) and len(v) <= MAX_RECORDS and all(
+        isinstance(n, str) and len(n) <= MAX_NAME for n in v), "a list of layer names"),
+}
+
+
 def _quant_config(value: Any, source: str):
     from .quant.ptq import QuantConfig
 
-    if not isinstance(value, dict):
-        raise NetslimError(f"{source}: bad field quant.config (must be an object)")
-    fields = {f.name: f for f in dataclasses.fields(QuantConfig)}
-    for key, v in value.items():
-        where = f"quant.config.{key}"
-        if key not in fields:
-            raise NetslimError(f"{source}: bad field {where[:200]} (not a QuantConfig field)")
-        f = fields[key]
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        if isinstance(default, bool):
-            ok = isinstance(v, bool)
-        elif isinstance(default, int) or key == "calibration_batches":
-            ok = (v is None and key == "calibration_batches") or _is_int(v, 0, 1 << 20)
-        elif isinstance(default, float):
-            ok = _is_real(v)
-        elif isinstance(default, str):
-            ok = isinstance(v, str) and len(v) <= 64
-        elif isinstance(default, dict):  # layer_bits
-            ok = (len(v) <= MAX_RECORDS and all(isinstance(k, str) and len(k) <= MAX_NAME and _is_int(b, 2, 16)
-                                                for k, b in v.items())) if isinstance(v, dict) else False
-        else:  # exclude
-            ok = isinstance(v, list) and len(v) <= MAX_RECORDS and all(isinstance(s, str) and len(s) <= MAX_NAME for s in v)
-        if not ok:
-            shown = repr(v)
-            raise NetslimError(f"{source}: bad field {where} = {shown[:80]} (must be like {default!r})")
+    if not (isinstance(value, dict) and set(_REPLAY_FIELDS) <= set(value)):
+        raise NetslimError(f"{source}: bad field quant.config (must be an object with {', '.join(_REPLAY_FIELDS)})")
+    for key, (ok, requirement) in _REPLAY_FIELDS.items():
+        if not ok(value[key]):
+            shown = repr(value[key])
+            raise NetslimError(f"{source}: bad field quant.config.{key} = {shown[:80]} (must be {requirement})")
     try:
-        return QuantConfig(**value)
+        return QuantConfig(**{k: value[k] for k in _REPLAY_FIELDS})
     except (NetslimError, ValueError, TypeError) as exc:
         raise NetslimError(f"{source}: bad field quant.config: {str(exc).splitlines()[0]}") from None
 
@@ -619,7 +620,17 @@ def _save_nsq(model: nn.Module, path: Path, arch: str | None, num_classes: int |
         what = "has no record of how it was quantized" if _is_quantized(model) else "is not quantized"
         raise NetslimError(f"cannot save {path}: an .nsq file holds a model quantized by netslim.quant "
                            f"(quantize, QAT), and this model {what}; save it as .nsz or .pt")
-    config = QuantConfig(**record["config"])
+    if any(parametrize.is_parametrized(m) for m in record["float_model"].modules()):
+        raise NetslimError(f"cannot save {path}: the model was quantized with masks or shared weights still "
+                           "parametrized; bake them in first (netslim.surgery.bake_parametrizations_), then quantize")
+    from .quant.pack import _weight_quantizers
+
+    # the QuantConfig fields (a subclass's own are left out), with every layer's actual weight bit width
+    fields = {f.name: record["config"][f.name] for f in dataclasses.fields(QuantConfig) if f.name in record["config"]}
+    fields["layer_bits"] = {name: q.spec.bits for name, q in _weight_quantizers(model).items()}
+    if "target" in fields:
+        fields["target"] = None  # what a size target chose is in layer_bits
+    config = QuantConfig(**fields)
     shape = [int(s) for s in (example_input.shape if example_input is not None else record["input_shape"])]
     learn = _learn_of(model)
     structure = None
