@@ -161,7 +161,9 @@ def test_a_users_factory_model_round_trips(tmp_path):
     path = save(model, tmp_path / "user.pt", arch=arch, num_classes=5, example_input=X)
     payload = torch.load(path, weights_only=True)
     assert set(_records(payload["structure"])) >= {"stem.conv", "stem.bn", "body.conv"}
-    assert torch.equal(_outputs(load(path)), _outputs(model))
+    with pytest.raises(NetslimError, match="runs that code.*trust_code=True"):
+        load(path)  # a file from elsewhere never runs code unless its reader says so
+    assert torch.equal(_outputs(load(path, trust_code=True)), _outputs(model))
 
 
 def test_without_arch_the_file_loads_into_a_given_base(pruned, tmp_path):
@@ -310,5 +312,7 @@ def test_a_standard_library_reference_in_a_file_is_not_called(pruned, tmp_path):
     payload = torch.load(path, weights_only=True)
     payload["arch"] = "os:getcwd"
     torch.save(payload, tmp_path / "evil.pt")
+    with pytest.raises(NetslimError, match="runs that code"):
+        load(tmp_path / "evil.pt")  # refused without trust_code
     with pytest.raises(NetslimError, match="standard-library function"):
-        load(tmp_path / "evil.pt")
+        load(tmp_path / "evil.pt", trust_code=True)  # and a standard-library function even with it

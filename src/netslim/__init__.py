@@ -7,6 +7,7 @@ from . import data, zoo  # noqa: E402
 from .errors import NetslimError  # noqa: E402
 from .profile import Comparison, Profile, compare, profile  # noqa: E402
 from .pipeline.compress import CompressResult, compress  # noqa: E402
+from .saving import load, save  # noqa: E402
 
-__all__ = ["zoo", "data", "profile", "compare", "compress", "CompressResult", "Profile", "Comparison", "NetslimError",
+__all__ = ["zoo", "data", "profile", "compare", "compress", "CompressResult", "save", "load", "Profile", "Comparison", "NetslimError",
            "__version__"]

@@ -41,6 +41,7 @@ the file is loaded without ``model=``, as :func:`netslim.zoo.get` would; load a 
 """
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import math
 import re
@@ -381,6 +382,9 @@ def _build_arch(arch: str, num_classes: int | None, source: str, from_file: bool
     from .zoo.references import is_factory_reference
 
     if from_file and is_factory_reference(arch):
+        if not _TRUST_CODE.get():
+            raise NetslimError(f"{source} names the Python factory {arch!r}; building it runs that code. Load it "
+                               "with netslim.load(path, trust_code=True) if you trust the file, or pass model=")
         top = arch.rpartition(":")[0].split(".")[0]
         if not arch.rpartition(":")[0].endswith(".py") and top in sys.stdlib_module_names:
             raise NetslimError(f"{source}: arch {arch!r} names a standard-library function, not a model factory; "
@@ -550,15 +554,27 @@ def _load_plain(path: Path, model: nn.Module | None) -> nn.Module:
 
 
 # ------------------------------------------------------------------ the API
-def load(path: str | Path, *, model: nn.Module | None = None) -> nn.Module:
+_TRUST_CODE: contextvars.ContextVar[bool] = contextvars.ContextVar("netslim_trust_code", default=False)
+
+
+def load(path: str | Path, *, model: nn.Module | None = None, trust_code: bool = False) -> nn.Module:
     """The model saved in ``path`` by :func:`save` (or the older writers), in eval mode.
 
     The format is recognised by the file's first bytes (``NSZ1``, ``NSQ1``, else a ``torch.save`` file read
     with ``weights_only=True``). Without ``model`` the file's ``arch`` is built; with it, ``model`` is the
     base the recorded structure is applied to (in place) and the tensors loaded into: for a file without a
     rebuildable ``arch``. An ``.nsq`` file loads into ``model`` directly when ``model`` is already quantized.
+    A file whose ``arch`` is a ``file.py:factory`` or ``package.module:factory`` reference is rebuilt by calling
+    that factory only with ``trust_code=True`` (zoo, torchvision and timm names need no trust).
     """
-    path = Path(path)
+    token = _TRUST_CODE.set(bool(trust_code))
+    try:
+        return _load(Path(path), model)
+    finally:
+        _TRUST_CODE.reset(token)
+
+
+def _load(path: Path, model: nn.Module | None) -> nn.Module:
     if not path.is_file():
         raise NetslimError(f"model file not found: {path}")
     with open(path, "rb") as f:
