@@ -40,7 +40,9 @@ def _model(args) -> "torch.nn.Module":
 
 
 def _add_model_args(p: argparse.ArgumentParser, weights_required: bool = False) -> None:
-    p.add_argument("--model", required=True, help="zoo name (lenet5, resnet56, ...) or torchvision:<name>")
+    p.add_argument("--model", required=True,
+                   help="zoo name (lenet5, resnet56, ...), torchvision:<name>, timm:<name>, path/to/file.py:factory or "
+                        "package.module:factory (loading your file runs its code)")
     p.add_argument("--weights", required=weights_required,
                    help="state_dict file to load (strict), a .nsz file, or 'shared' for ../shared/models")
     p.add_argument("--num-classes", type=int, default=None)
@@ -54,6 +56,8 @@ def cmd_profile(args) -> int:
 
     model = _model(args)
     shape = args.input or zoo.spec(args.model).input_size
+    if not shape:
+        raise NetslimError(f"{args.model} has no default input shape; give one with --input, e.g. --input 1,3,224,224")
     try:
         prof = profile(model, torch.randn(*shape), latency=not args.no_latency, batch_sizes=args.batch_sizes,
                        threads=args.threads)

@@ -54,7 +54,9 @@ def finetune(ctx: StageContext, cfg: FinetuneConfig) -> nn.Module:
 @dataclass
 class ExportConfig:
     """Write the current model as ONNX (``filename`` in the run directory; dynamic batch axis; QDQ integers when
-    it is quantized), check onnxruntime's outputs against PyTorch's on ``check_images`` evaluation images, and
+    it is quantized), check onnxruntime's outputs against PyTorch's on ``check_images`` evaluation images (the
+    largest difference may be ``tolerance`` of the largest output, or ``quantized_tolerance`` for an integer
+    model, whose kernels round differently from the float simulation), and
     time the original and the exported model side by side in onnxruntime at the recipe's
     ``latency_batch_sizes`` with ``threads`` intra-op threads (``r_T_ort`` in the metrics)."""
 
@@ -64,6 +66,7 @@ class ExportConfig:
     threads: int = 1
     repeats: int = 30
     tolerance: float = 1e-3
+    quantized_tolerance: float = 0.05
 
     def __post_init__(self) -> None:
         if not isinstance(self.filename, str) or not self.filename.endswith(".onnx") or "/" in self.filename:
@@ -72,8 +75,9 @@ class ExportConfig:
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise NetslimError(f"{key} must be an integer >= {low}, got {value!r}")
-        if not self.tolerance > 0:
-            raise NetslimError(f"tolerance must be > 0, got {self.tolerance}")
+        for key in ("tolerance", "quantized_tolerance"):
+            if not isinstance(getattr(self, key), (int, float)) or not getattr(self, key) > 0:
+                raise NetslimError(f"{key} must be a number > 0, got {getattr(self, key)!r}")
 
 
 @stage("export", ExportConfig)
@@ -81,7 +85,7 @@ def export_stage(ctx: StageContext, cfg: ExportConfig) -> nn.Module:
     """Deployable ONNX file in the run directory, checked in onnxruntime and timed against the original there."""
     import torch
 
-    from ..export import check_onnx, ort_latency_ms, to_onnx
+    from ..export import check_onnx, is_quantized, ort_latency_ms, ort_session, to_onnx
 
     run_dir = ctx.run_dir if ctx.run_dir is not None else ctx.stage_dir
     model = ctx.model.eval()
@@ -92,14 +96,16 @@ def export_stage(ctx: StageContext, cfg: ExportConfig) -> nn.Module:
     count = min(cfg.check_images, len(test))
     images = torch.stack([test[i][0] for i in range(count)])
     check = check_onnx(model, path, images)
-    if check["max_abs_diff"] > cfg.tolerance * max(1.0, check.get("max_abs_output", 1.0)):
-        raise NetslimError(f"{path}: onnxruntime's outputs differ from PyTorch's by {check['max_abs_diff']:.3g} "
-                           f"(tolerance {cfg.tolerance} relative); the export is not faithful")
+    _require_faithful(model, images, check, cfg.quantized_tolerance if is_quantized(model) else cfg.tolerance, path)
     batches = tuple(ctx.latency_batch_sizes)
-    ms_model, ms_base = {}, {}
-    for bs in batches:  # the two models alternate, batch size by batch size, in one process
-        ms_base.update(ort_latency_ms(baseline, x, (bs,), threads=cfg.threads, repeats=cfg.repeats))
-        ms_model.update(ort_latency_ms(path, x, (bs,), threads=cfg.threads, repeats=cfg.repeats))
+    sessions = {"base": ort_session(baseline, threads=cfg.threads), "model": ort_session(path, threads=cfg.threads)}
+    best: dict[str, dict[int, float]] = {"base": {}, "model": {}}
+    for _ in range(3):  # the two models alternate in one process; the best of three medians each
+        for bs in batches:
+            for key, session in sessions.items():
+                ms = ort_latency_ms(session, x, (bs,), repeats=cfg.repeats)[bs]
+                best[key][bs] = min(ms, best[key].get(bs, float("inf")))
+    ms_base, ms_model = best["base"], best["model"]
     ctx.model.to(ctx.device)
     ctx.original.to(ctx.device)
     ctx.artifacts.update(onnx=str(path), onnx_bytes=path.stat().st_size, onnx_check=check,
@@ -113,3 +119,21 @@ def export_stage(ctx: StageContext, cfg: ExportConfig) -> nn.Module:
                                                                  if check.get("top1_agreement") is not None else "")
                               + f". onnxruntime CPU latency, {cfg.threads} thread(s), original → exported: {speed}.")
     return ctx.model
+
+
+def _require_faithful(model: nn.Module, images, check: dict, tolerance: float, path) -> None:
+    """Fail when onnxruntime's outputs are further from PyTorch's than ``tolerance`` of the largest output."""
+    import torch
+
+    from ..export import is_quantized
+    from ..outputs import flatten_outputs
+
+    with torch.no_grad():
+        scale = max((float(t.abs().max()) for t in flatten_outputs(model(images)) if t.numel()), default=1.0)
+    quantized = is_quantized(model)
+    limit = tolerance * max(scale, 1.0)
+    check.update(max_abs_output=scale, limit=limit, quantized=quantized)
+    if check["max_abs_diff"] > limit or (check.get("top1_agreement") is not None and check["top1_agreement"] < 0.9):
+        raise NetslimError(f"{path}: onnxruntime's outputs differ from PyTorch's by {check['max_abs_diff']:.3g} "
+                           f"(limit {limit:.3g}; top-1 agreement {check.get('top1_agreement')}); "
+                           "the export is not faithful")
