@@ -46,7 +46,7 @@ def batch_size(example_input: Any) -> int | None:
 def output_names(output: Any, prefix: str = "output") -> list[str]:
     """A name for every tensor of ``output`` in flattened order: ``output`` for a single tensor, else the
     path inside the structure, e.g. ``out`` and ``aux`` for a dict, ``output_0`` for a tuple's first item,
-    ``0.boxes`` for the boxes of a detection model's first image."""
+    ``output_0.boxes`` for the boxes of a detection model's first image."""
     if isinstance(output, torch.Tensor):
         return [prefix]
     leaves, _ = pytree.tree_flatten_with_path(output)
