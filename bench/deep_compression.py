@@ -126,7 +126,7 @@ def run_model(name: str, runs: Path) -> tuple[list[dict], dict]:
         sweep = []
         for target in (0.90, 0.95, 0.99):
             pruned = zoo.get(name, weights="shared")
-            magnitude_prune_(pruned, target, scope="layer")
+            magnitude_prune_(pruned, target, scope="uniform")
             sweep += [{"layer": t.layer, "shape": list(t.shape), "sparsity": t.sparsity, "batch": t.batch,
                        "dense_ms": t.dense_ms, "sparse_csr_ms": t.sparse_ms, "speedup": t.speedup}
                       for t in sparse_vs_dense(pruned)]

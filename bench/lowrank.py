@@ -37,6 +37,7 @@ from netslim.distill import distill
 from netslim.lowrank import apply_plan_, greedy_rank_search, plan_decomposition, refit_
 from netslim.lowrank.search import model_cost_after
 from netslim.report import write_result
+from netslim.targets import bisect
 from netslim.surgery import replace_module_
 from netslim.train import TrainConfig, evaluate
 
@@ -48,34 +49,28 @@ def macs(model: nn.Module) -> int:
     return netslim.profile(model, X, latency=False).macs
 
 
-def bisect(build, target_macs: int, lo: float = 0.02, hi: float = 1.0, steps: int = 14):
+def bisect_knob(build, target_macs: int, lo: float = 0.02, hi: float = 1.0, steps: int = 14):
     """The largest knob in [lo, hi] whose model has at most ``target_macs`` (knob: rank fraction or energy)."""
-    best = None
-    for _ in range(steps):
-        mid = (lo + hi) / 2
-        model = build(mid)
-        if macs(model) <= target_macs:
-            best, lo = (mid, model), mid
-        else:
-            hi = mid
-    return best
+    def value(knob):
+        model = build(knob)
+        return macs(model), model
+
+    found = bisect(value, lo, hi, target_macs, increasing=True, steps=steps)
+    return None if found is None else (found.knob, found.result)
 
 
 def netslim_plan(base, method, selector, dense_macs, goal, lo, hi):
     """Bisect the rank fraction (or energy) on formula MACs, then decompose once."""
-    best = None
-    for _ in range(14):
-        mid = (lo + hi) / 2
-        plan = plan_decomposition(base, X, method, selector, min(mid, 0.999999) if selector == "energy" else mid)
-        if model_cost_after(plan, dense_macs, "macs") <= goal:
-            best, lo = (mid, plan), mid
-        else:
-            hi = mid
-    if best is None:
+    def value(knob):
+        plan = plan_decomposition(base, X, method, selector, min(knob, 0.999999) if selector == "energy" else knob)
+        return model_cost_after(plan, dense_macs, "macs"), plan
+
+    found = bisect(value, lo, hi, goal, increasing=True, steps=14)
+    if found is None:
         return None
     model = copy.deepcopy(base)
-    apply_plan_(model, best[1], iters=ALS_ITERS)
-    return best[0], model
+    apply_plan_(model, found.result, iters=ALS_ITERS)
+    return found.knob, model
 
 
 def tltorch_build(base, factorization, implementation, decompose=True):
@@ -102,7 +97,7 @@ def _get_factorized_conv(weight, implementation):
 def tltorch_at_target(base, factorization, goal):
     """Bisect TensorLy-Torch's rank fraction on MACs with random factors (fast), decompose once, and
     return the model in both of its implementations ("factorized", "reconstructed"), same factors."""
-    got = bisect(tltorch_build(base, factorization, "factorized", decompose=False), goal, lo=0.01, hi=1.0, steps=10)
+    got = bisect_knob(tltorch_build(base, factorization, "factorized", decompose=False), goal, lo=0.01, hi=1.0, steps=10)
     if got is None:
         return {}
     factorized = tltorch_build(base, factorization, "factorized")(got[0])
@@ -159,7 +154,7 @@ def netslim_candidates(base, dense_macs: int, goal: int, t: float, held, device:
     if got:
         candidates[("spatial", "energy", "netslim")] = got
     t0 = time.time()
-    report, _ = greedy_rank_search(base, X, held, t, "macs", "spatial", progress=False, device=device)
+    report, _ = greedy_rank_search(base, X, held, f"macs:{t}", "spatial", progress=False, device=device)
     greedy = copy.deepcopy(base)
     apply_plan_(greedy, report)
     candidates[("spatial", "greedy target", "netslim")] = (None, greedy)
@@ -211,7 +206,8 @@ def rebuild(base: nn.Module, row: dict, held, device: str) -> nn.Module:
     elif selector == "vbmf":
         report = plan_decomposition(base, X, method, "vbmf")
     else:  # the greedy search is deterministic for the same held-out images
-        report, _ = greedy_rank_search(base, X, held, setting["mac_target"], "macs", method, progress=False, device=device)
+        report, _ = greedy_rank_search(base, X, held, f"macs:{setting['mac_target']}", method, progress=False,
+                                       device=device)
     model = copy.deepcopy(base)
     apply_plan_(model, report, iters=1)
     return model

@@ -133,7 +133,8 @@ class Bench:
 def qat_row(name, bench, model, train, loader, test_images, test_labels, base, params, label: str = "") -> None:
     """W4A4 (MSE ranges) followed by a short LSQ quantization-aware training."""
     args = bench.args
-    w4a4 = quantize(model, X, loader, QuantConfig(weight_bits=4, act_bits=4, weight_range="mse", calibrator="mse"))
+    w4a4 = quantize(model, X, loader, QuantConfig(weight_bits=4, act_bits=4, weight_range="mse", calibrator="mse"),
+                    device="cpu")
     before = top1_torch(w4a4, test_images, test_labels)
     t0 = time.time()
     quantization_aware_training(w4a4, train, TrainConfig(epochs=1, lr=args.qat_lr, batch_size=64, amp=False,
@@ -173,7 +174,7 @@ def run_model(name: str, bench: Bench, train, test_images, test_labels, calib: l
 
     def ptq(label: str, cfg: QuantConfig, timed: str | None = None):
         t0 = time.time()
-        q = quantize(model, X, loader, cfg)
+        q = quantize(model, X, loader, cfg, device="cpu")
         bench.details["seconds"][f"{name} {label}"] = round(time.time() - t0, 1)
         top1 = top1_torch(q, test_images, test_labels)
         bench.add(name, label, "netslim", {"weight_bits": cfg.weight_bits, "act_bits": cfg.act_bits,
@@ -264,7 +265,7 @@ def measure_sizes(args, calib: list[torch.Tensor]) -> None:
         sizes = {"params": sum(p.numel() for p in model.parameters())}
         with tempfile.TemporaryDirectory() as d:
             for label, cfg in (("W8 .nsq", QuantConfig()), ("W4 .nsq", QuantConfig(weight_bits=4, weight_range="mse"))):
-                sizes[label] = save_quantized(quantize(model, X, loader, cfg), Path(d) / "m.nsq").stat().st_size
+                sizes[label] = save_quantized(quantize(model, X, loader, cfg, device="cpu"), Path(d) / "m.nsq").stat().st_size
         sizes["W8 / params"] = round(sizes["W8 .nsq"] / sizes["params"], 4)
         doc["details"]["stored_bytes"][name] = {**doc["details"]["stored_bytes"].get(name, {}), **sizes}
         print(name, sizes, flush=True)

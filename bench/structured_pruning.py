@@ -30,6 +30,7 @@ from netslim.prune.structured import structured
 from netslim.prune.structured.reconstruct import reconstruct_prune
 from netslim.prune.structured.soft import soft_filter_prune
 from netslim.report import write_result
+from netslim.targets import bisect
 from netslim.train import TrainConfig, evaluate, fit
 
 X = torch.randn(1, 3, 32, 32)
@@ -62,15 +63,12 @@ def torch_pruning_at(model: nn.Module, goal: int) -> nn.Module:
                                       pruning_ratio=ratio, ignored_layers=[last])
         pruner.step()
         return m
-    lo, hi, best = 0.0, 0.95, None
-    for _ in range(12):
-        mid = (lo + hi) / 2
-        m = prune(mid)
-        if macs(m) <= goal:
-            best, hi = m, mid
-        else:
-            lo = mid
-    return best
+    def value(ratio):
+        m = prune(ratio)
+        return macs(m), m
+
+    found = bisect(value, 0.0, 0.95, goal, increasing=False, steps=12)
+    return None if found is None else found.result
 
 
 def finetune(model, train, steps, device):

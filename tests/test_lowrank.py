@@ -114,7 +114,7 @@ def test_greedy_search_reaches_the_target():
     model = zoo.get("lenet300")
     x = torch.randn(1, 1, 28, 28)
     data = torch.utils.data.TensorDataset(torch.randn(64, 1, 28, 28), torch.randint(0, 10, (64,)))
-    report, table = greedy_rank_search(model, x, data, reduction=2.0, target="params", progress=False)
+    report, table = greedy_rank_search(model, x, data, target="params:2", progress=False)
     before = netslim.profile(model, x, latency=False).params
     decomposed = decompose_(zoo.get("lenet300"), x, ranks={n: p.rank for n, p in report.layers.items()},
                             layers=tuple(report.layers), value=1.0)
@@ -224,19 +224,19 @@ def test_energy_search_meets_a_mac_target_without_overshooting(shared):
     model = zoo.get("vgg16", weights="shared").eval()
     x = torch.randn(1, 3, 32, 32)
     dense = netslim.profile(model, x, latency=False).macs
-    report, energy = energy_rank_search(model, x, 3.0, "macs", "spatial")
+    report, energy = energy_rank_search(model, x, "macs:3", "spatial")
     apply_plan_(model, report)
     reduction = dense / netslim.profile(model, x, latency=False).macs
     assert 0.5 < energy < 1 and 3.0 <= reduction < 3.1
     with pytest.raises(NetslimError, match="no energy reaches 1000x fewer macs"):  # rank 1 everywhere: 167x
-        energy_rank_search(zoo.get("lenet300"), torch.randn(1, 1, 28, 28), 1000.0, "macs", "svd")
+        energy_rank_search(zoo.get("lenet300"), torch.randn(1, 1, 28, 28), "macs:1000", "svd")
 
 
 def test_energy_target_stage_meets_its_reduction(shared, tmp_path):
     from netslim.pipeline import parse_recipe, run_recipe
 
     doc = {"model": "lenet300", "weights": "shared", "data": "mnist", "test_limit": 500, "stages": [
-        {"decompose": {"method": "svd", "selector": "energy_target", "target": "macs", "reduction": 4.0}}]}
+        {"decompose": {"method": "svd", "selector": "energy_target", "target": "macs:4"}}]}
     metrics = run_recipe(parse_recipe(doc), tmp_path / "run", progress=False)
     energy = json.loads((tmp_path / "run" / "state.json").read_text())["artifacts"][0]["energy"]
     assert 4.0 <= metrics[1]["ratios"]["r_c"] < 4.4 and 0 < energy < 1
@@ -251,14 +251,14 @@ def test_greedy_search_for_a_latency_target_makes_the_model_faster(one_thread):
                           nn.Conv2d(128, 128, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, 10)).eval()
     x = torch.randn(1, 3, 24, 24)
     data = torch.utils.data.TensorDataset(torch.randn(32, 3, 24, 24), torch.randint(0, 10, (32,)))
-    report, _ = greedy_rank_search(model, x, data, reduction=1.6, target="latency", method="spatial", progress=False)
+    report, _ = greedy_rank_search(model, x, data, target="latency:1.6", method="spatial", progress=False)
     assert report.layers and set(report.layers) <= {"0", "2", "4"}
     before = measure_latency(model, x, (1,), repeats=30)[1]
     apply_plan_(model, report)
     assert before / measure_latency(model, x, (1,), repeats=30)[1] > 1.3
     with pytest.raises(ValueError, match="macs, params, latency"):
-        greedy_rank_search(model, x, data, reduction=2.0, target="energy", progress=False)
+        greedy_rank_search(model, x, data, target="energy:2", progress=False)
     from netslim.lowrank.stages import DecomposeConfig
 
     with pytest.raises(ValueError, match="needs selector 'target'"):
-        DecomposeConfig(selector="energy_target", target="latency")
+        DecomposeConfig(selector="energy_target", target="latency:2")

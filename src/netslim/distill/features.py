@@ -15,13 +15,7 @@ import torch
 from torch import nn
 
 from ..errors import NetslimError
-
-MAX_LISTED_LAYERS = 120  # longer layer lists are cut in error messages (the count of the rest is given)
-
-
-def layer_names(model: nn.Module) -> list[str]:
-    """Names of every submodule of ``model`` in definition order (what :meth:`nn.Module.get_submodule` takes)."""
-    return [name for name, _ in model.named_modules() if name]
+from ..layers import layer_names, unknown_layer
 
 
 def get_layer(model: nn.Module, name: str, role: str = "model") -> nn.Module:
@@ -30,11 +24,7 @@ def get_layer(model: nn.Module, name: str, role: str = "model") -> nn.Module:
         return model.get_submodule(name)
     except AttributeError:
         pass
-    names = layer_names(model)
-    shown = ", ".join(names[:MAX_LISTED_LAYERS])
-    if len(names) > MAX_LISTED_LAYERS:
-        shown += f", ... ({len(names) - MAX_LISTED_LAYERS} more)"
-    raise NetslimError(f"unknown layer {name!r} in the {role} ({type(model).__name__}); valid layers: {shown}")
+    raise unknown_layer(model, name, where=f" in the {role} ({type(model).__name__})")
 
 
 def last_linear_name(model: nn.Module, role: str = "model") -> str:

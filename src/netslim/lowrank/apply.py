@@ -6,15 +6,17 @@ parameters *and* fewer MACs; otherwise it is skipped with a message giving the n
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from ..errors import NetslimError, unknown_choice
+from ..layers import check_layer_names, select_layers
 from ..surgery import io_shapes, replace_module_
 from . import formulas
-from .decompose import cp_conv, spatial_conv, svd_conv1x1, svd_linear, tucker2_conv
+from .factorize import cp_conv, spatial_conv, svd_conv1x1, svd_linear, tucker2_conv
 from .ranks import rank_for_energy, vbmf_rank
 
 log = logging.getLogger("netslim.lowrank")
@@ -173,14 +175,12 @@ def plan_decomposition(model: nn.Module, example_input: torch.Tensor, method: st
         raise unknown_choice("decompose method", method, METHODS)
     if selector not in SELECTORS:
         raise unknown_choice("rank selector", selector, SELECTORS)
-    modules = dict(model.named_modules())
-    for name in (*layers, *exclude, *(ranks or {})):
-        if name not in modules:
-            raise NetslimError(f"unknown layer {name!r}; layers: {', '.join(n for n in modules if n)}")
+    check_layer_names(model, ranks or {}, "ranks")
+    chosen = select_layers(model, (nn.Linear, nn.Conv2d), layers, exclude)
     shapes = io_shapes(model, example_input, (nn.Linear, nn.Conv2d))
     report = DecompositionReport()
-    for name, module in modules.items():
-        if name in exclude or (layers and name not in layers) or name not in shapes:
+    for name, module in chosen.items():
+        if name not in shapes:
             continue
         m = layer_method(module, method)
         if m is None:
@@ -214,7 +214,11 @@ def apply_plan_(model: nn.Module, report: DecompositionReport, batchnorm: bool =
 
 def decompose_(model: nn.Module, example_input: torch.Tensor, method: str = "auto", selector: str = "fixed",
                value: float | int | None = None, batchnorm: bool = False, **kw) -> DecompositionReport:
-    """Plan and apply in one call; returns the per-layer report."""
+    """Deprecated: plan and apply in place, returning the report (a ``_`` function returns the model).
+    Use :func:`netslim.lowrank.decompose` with a :class:`~netslim.lowrank.DecomposeConfig`, or
+    :func:`plan_decomposition` then :func:`apply_plan_`."""
+    warnings.warn("netslim.lowrank.decompose_ is deprecated: use netslim.lowrank.decompose(model, x, "
+                  "DecomposeConfig(...)), or plan_decomposition then apply_plan_", DeprecationWarning, stacklevel=2)
     report = plan_decomposition(model, example_input, method, selector, value, **kw)
     apply_plan_(model, report, batchnorm)
     return report

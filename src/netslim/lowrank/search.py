@@ -16,24 +16,16 @@ from torch import nn
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
+from ..deprecation import renamed_argument
 from ..errors import NetslimError
-from ..train import evaluate
 from ..surgery import io_shapes
+from ..targets import Target, bisect, measure, target_or_reduction
+from ..train import evaluate
 from .apply import DecompositionReport, LayerPlan, apply_plan_, build, plan_decomposition, spectra
 from .ranks import rank_for_energy
 
 log = logging.getLogger("netslim.lowrank")
-TARGETS = ("macs", "params", "latency")
-
-
-def whole_model_cost(model: nn.Module, example_input: torch.Tensor, target: str, latency_batch: int = 1) -> float:
-    """The model's MACs, parameters, or median latency in ms at batch ``latency_batch``."""
-    from ..profile import measure_latency, profile
-
-    if target == "latency":
-        return measure_latency(model, example_input[:1], (latency_batch,))[latency_batch]
-    prof = profile(model, example_input, latency=False)
-    return prof.macs if target == "macs" else prof.params
+TARGETS = ("macs", "params", "latency")  # what greedy_rank_search honours (energy_target: macs, params)
 
 
 def layer_latencies(model: nn.Module, example_input: torch.Tensor, options: dict[str, list[LayerPlan]],
@@ -55,20 +47,30 @@ def layer_latencies(model: nn.Module, example_input: torch.Tensor, options: dict
     return timed
 
 
-def greedy_rank_search(model: nn.Module, example_input: torch.Tensor, data: Dataset, reduction: float,
-                       target: str = "macs", method: str = "auto", candidates: tuple[float, ...] = (0.125, 0.25, 0.375, 0.5, 0.75),
+def greedy_rank_search(model: nn.Module, example_input: torch.Tensor, eval_data: Dataset | None = None,
+                       target: str | dict | Target | None = None, method: str = "auto",
+                       candidates: tuple[float, ...] = (0.125, 0.25, 0.375, 0.5, 0.75),
                        layers: tuple[str, ...] = (), exclude: tuple[str, ...] = (), batchnorm: bool = False,
-                       device: str | torch.device = "cpu", progress: bool = True,
-                       model_cost: float | None = None, latency_batch: int = 1) -> tuple[DecompositionReport, dict]:
-    """Choose a rank per layer so that the model's ``target`` (macs, params or latency) shrinks by ``reduction``.
+                       device: str | torch.device | None = None, progress: bool = True,
+                       model_cost: float | None = None, latency_batch: int = 1, *, reduction: float | None = None,
+                       data: Dataset | None = None) -> tuple[DecompositionReport, dict]:
+    """Choose a rank per layer so that the model meets ``target`` (``"macs:2"``, ``"params:3"`` or
+    ``"latency:1.5"``), losing the least accuracy on ``eval_data`` (held-out labelled data).
 
     For ``latency`` every layer and each of its candidate decompositions is timed alone on its input
     shape at batch ``latency_batch`` (on the CPU, or the device of ``example_input``), and the model's
     latency is measured once; the search then spends measured milliseconds instead of formula MACs.
+    ``device``: where accuracy is measured (default :func:`netslim.train.default_device`).
     Returns the chosen plan and a sensitivity table ``{layer: {fraction: top1}}``.
+    ``reduction=`` with ``target="macs"`` and ``data=`` are deprecated spellings.
     """
-    if target not in TARGETS:
-        raise ValueError(f"target must be one of {', '.join(TARGETS)}, got {target!r}")
+    data = renamed_argument(eval_data, data, "data", "eval_data", "greedy_rank_search")
+    goal_target = target_or_reduction(target, reduction, TARGETS, "target")
+    if goal_target is None:
+        raise NetslimError("greedy_rank_search needs target, e.g. 'macs:2'")
+    if data is None:
+        raise NetslimError("greedy_rank_search needs eval_data: held-out labelled data to measure accuracy on")
+    target, reduction = goal_target.metric, goal_target.factor
     options: dict[str, list[LayerPlan]] = {}
     for f in candidates:
         report = plan_decomposition(model, example_input, method, "fixed", f, layers, exclude)
@@ -99,8 +101,8 @@ def greedy_rank_search(model: nn.Module, example_input: torch.Tensor, data: Data
         return c.macs if target == "macs" else c.params
 
     if model_cost is None:
-        model_cost = whole_model_cost(model, example_input, target, latency_batch)
-    goal = model_cost / reduction
+        model_cost = measure(model, example_input, target, latency_batch=latency_batch)
+    goal = goal_target.goal(model_cost)
     chosen: dict[str, LayerPlan] = {}
     current = model_cost
     while current > goal:
@@ -133,38 +135,38 @@ def model_cost_after(report: DecompositionReport, model_cost: int, target: str =
     return model_cost - saved
 
 
-def energy_rank_search(model: nn.Module, example_input: torch.Tensor, reduction: float, target: str = "macs",
+def energy_rank_search(model: nn.Module, example_input: torch.Tensor, target: str | dict | Target | None = None,
                        method: str = "auto", layers: tuple[str, ...] = (), exclude: tuple[str, ...] = (),
-                       steps: int = 20) -> tuple[DecompositionReport, float]:
-    """The largest singular-value energy, kept uniformly by every layer, at which the model's ``target``
-    (macs or params) is at least ``reduction`` times smaller; found by bisection on the formulas, so no
-    layer is decomposed while searching. Returns the plan and the energy."""
-    if target not in ("macs", "params"):
-        raise ValueError(f"target must be macs or params, got {target!r}")
-    model_cost = whole_model_cost(model, example_input, target)
-    goal = model_cost / reduction
+                       steps: int = 20, *, reduction: float | None = None) -> tuple[DecompositionReport, float]:
+    """The largest singular-value energy, kept uniformly by every layer, at which the model meets
+    ``target`` (``"macs:3"`` or ``"params:3"``); found by bisection on the formulas, so no layer is
+    decomposed while searching. Returns the plan and the energy. (``reduction=3`` with ``target="macs"``
+    is the deprecated spelling.)"""
+    goal_target = target_or_reduction(target, reduction, ("macs", "params"), "energy_target target")
+    if goal_target is None:
+        raise NetslimError("energy_rank_search needs target, e.g. 'macs:3'")
+    metric = goal_target.metric
+    model_cost = measure(model, example_input, metric)
+    goal = goal_target.goal(model_cost)
 
     def ranks_at(energy: float) -> dict[str, int | list[int]]:
         got = {n: [rank_for_energy(s, energy) for s in spectrum] for n, spectrum in layer_spectra.items()}
         return {n: r if len(r) > 1 else r[0] for n, r in got.items()}
 
-    lo, hi, best = 0.0, 1.0, None
+    def cost_at(energy: float) -> float:
+        report = plan_decomposition(model, example_input, method, "fixed", 1, names, ranks=ranks_at(energy))
+        return model_cost_after(report, model_cost, metric)
+
     level = log.level
     log.setLevel(logging.ERROR)  # the probes' skipped layers are reported once, by the final plan
     try:
         eligible = plan_decomposition(model, example_input, method, "fixed", 1, layers, exclude).layers
         names = tuple(eligible)
         layer_spectra = {n: spectra(model.get_submodule(n), p.method) for n, p in eligible.items()}
-        for _ in range(steps):
-            mid = (lo + hi) / 2
-            report = plan_decomposition(model, example_input, method, "fixed", 1, names, ranks=ranks_at(mid))
-            if model_cost_after(report, model_cost, target) <= goal:
-                best, lo = mid, mid
-            else:
-                hi = mid
+        found = bisect(cost_at, 0.0, 1.0, goal, increasing=True, steps=steps)
     finally:
         log.setLevel(level)
-    if best is None:
-        raise NetslimError(f"no energy reaches {reduction:g}x fewer {target} with method {method!r}: "
+    if found is None:
+        raise NetslimError(f"no energy reaches {goal_target.factor:g}x fewer {metric} with method {method!r}: "
                            f"even the smallest ranks save too little")
-    return plan_decomposition(model, example_input, method, "fixed", 1, names, ranks=ranks_at(best)), best
+    return plan_decomposition(model, example_input, method, "fixed", 1, names, ranks=ranks_at(found.knob)), found.knob

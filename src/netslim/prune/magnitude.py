@@ -6,31 +6,29 @@ import torch
 from torch import nn
 
 from ..errors import NetslimError
+from ..layers import select_layers, unknown_layer
+from ..targets import SCOPES, bisect, check_scope
 from .masks import apply_masks_
 
 PRUNABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
-SCOPES = ("global", "layer")
 
 
 def prunable_layers(model: nn.Module, exclude: tuple[str, ...] = ()) -> dict[str, nn.Module]:
-    layers = {n: m for n, m in model.named_modules() if isinstance(m, PRUNABLE) and n not in exclude}
-    unknown = set(exclude) - {n for n, _ in model.named_modules()}
-    if unknown:
-        raise NetslimError(f"exclude names unknown layers: {', '.join(sorted(unknown))}")
-    return layers
+    """Conv and linear layers not inside an ``exclude`` name (see :func:`netslim.layers.select_layers`)."""
+    return select_layers(model, PRUNABLE, exclude=exclude)
 
 
 def magnitude_masks(model: nn.Module, sparsity: float, scope: str = "global",
                     exclude: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
     """0/1 masks keeping the largest-magnitude weights.
 
-    ``scope="global"`` ranks all prunable weights together (one threshold), ``"layer"`` prunes
-    each layer to ``sparsity`` on its own.
+    ``scope="global"`` ranks all prunable weights together (one threshold), ``"uniform"`` prunes
+    each layer to ``sparsity`` on its own (``"layer"``: the deprecated word for it). ``exclude``: layers
+    left alone (a name covers its submodules).
     """
-    if not 0.0 <= sparsity < 1.0:
-        raise NetslimError(f"sparsity must be in [0, 1), got {sparsity}")
-    if scope not in SCOPES:
-        raise NetslimError(f"unknown scope {scope!r}; valid scopes: {', '.join(SCOPES)}")
+    if not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity < 1.0:
+        raise NetslimError(f"sparsity must be in [0, 1), got {sparsity!r}")
+    scope = check_scope(scope)
     layers = prunable_layers(model, exclude)
     weights = {n: m.weight.detach() for n, m in layers.items()}
     if scope == "global":
@@ -71,7 +69,7 @@ def planned_masks(model: nn.Module, plan: dict[str, float]) -> dict[str, torch.T
     masks = {}
     for n, s in plan.items():
         if n not in layers:
-            raise NetslimError(f"sparsity plan names unknown layer {n!r}")
+            raise unknown_layer(model, n, "layer_sparsity")
         if not 0 <= s < 1:
             raise NetslimError(f"sparsity of {n} must be in [0, 1), got {s}")
         w = layers[n].weight.detach()
@@ -100,9 +98,10 @@ def contribution_plan(model: nn.Module, target: float, exclude: tuple[str, ...] 
     sizes = {n: m.weight.numel() for n, m in prunable_layers(model, exclude).items()}
     total = sum(sizes.values())
     inv = {n: 1.0 / max(s, 1e-12) for n, s in scores.items()}
-    lo, hi = 0.0, 1e6
-    for _ in range(100):
-        c = (lo + hi) / 2
-        reached = sum(min(max_sparsity, c * inv[n]) * sizes[n] for n in sizes) / total
-        lo, hi = (c, hi) if reached < target else (lo, c)
-    return {n: min(max_sparsity, hi * inv[n]) for n in sizes}
+
+    def reached(c: float) -> float:
+        return sum(min(max_sparsity, c * inv[n]) * sizes[n] for n in sizes) / total
+
+    found = bisect(reached, 0.0, 1e6, target, increasing=True, at_most=False, steps=100)
+    c = found.knob if found is not None else 1e6  # unreachable: every layer at max_sparsity
+    return {n: min(max_sparsity, c * inv[n]) for n in sizes}

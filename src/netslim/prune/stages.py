@@ -12,21 +12,21 @@ from torch.utils.data import Subset
 from ..errors import NetslimError, unknown_choice
 from ..pipeline.stages import StageContext, stage
 from ..train import TrainConfig, fit
-from .magnitude import (SCOPES, contribution_plan, magnitude_masks, planned_masks, prunable_layers,
-                        threshold_masks)
+from ..targets import OLD_SCOPES, SCOPES, check_scope
+from .magnitude import contribution_plan, magnitude_masks, planned_masks, prunable_layers, threshold_masks
 from .masks import apply_masks_
 from .schedules import AGPHook
 from .sensitivity import DEFAULT_GRID, plan_sparsity, plot_sensitivity, sensitivity_analysis
 
 PRUNE_METHODS = ("magnitude",)
-PLANS = ("global", "layer", "threshold", "sensitivity", "contribution", "explicit")
+PLANS = ("global", "uniform", "threshold", "sensitivity", "contribution", "explicit")
 SCHEDULES = ("oneshot", "agp")
 
 
 @dataclass
 class PruneConfig:
     """``plan`` decides each layer's sparsity: ``global`` (one magnitude threshold over all layers),
-    ``layer`` (every layer at ``sparsity``), ``threshold`` (|w| < threshold_std x std, Han 2015),
+    ``uniform`` (every layer at ``sparsity``; ``layer`` is the deprecated word), ``threshold`` (|w| < threshold_std x std, Han 2015),
     ``sensitivity`` (measured per-layer sensitivity, least predicted loss), ``contribution``
     (layers ranked by sum |W| + |b| per weight), ``explicit`` (``layer_sparsity``).
     ``schedule: agp`` prunes gradually while training with ``train`` settings."""
@@ -34,7 +34,7 @@ class PruneConfig:
     method: str = "magnitude"
     sparsity: float = 0.5
     plan: str = "global"
-    scope: str | None = None  # alias of plan for global / layer
+    scope: str | None = None  # alias of plan for global / uniform (the words of prune_channels' scope)
     threshold_std: float = 1.0
     layer_sparsity: dict[str, float] = field(default_factory=dict)
     exclude: list[str] = field(default_factory=list)
@@ -48,19 +48,19 @@ class PruneConfig:
         if self.method not in PRUNE_METHODS:
             raise unknown_choice("prune method", self.method, PRUNE_METHODS)
         if self.scope is not None:
-            if self.scope not in SCOPES:
-                raise unknown_choice("scope", self.scope, SCOPES)
-            self.plan = self.scope
+            self.plan = self.scope = check_scope(self.scope)
+        if self.plan in OLD_SCOPES:
+            self.plan = check_scope(self.plan, "plan")
         if self.plan not in PLANS:
             raise unknown_choice("plan", self.plan, PLANS)
         if self.schedule not in SCHEDULES:
             raise unknown_choice("schedule", self.schedule, SCHEDULES)
         if not isinstance(self.sparsity, (int, float)) or not 0 <= self.sparsity < 1:
-            raise ValueError(f"sparsity must be a number in [0, 1), got {self.sparsity!r}")
+            raise NetslimError(f"sparsity must be a number in [0, 1), got {self.sparsity!r}")
         if self.plan == "explicit" and not self.layer_sparsity:
-            raise ValueError("plan 'explicit' needs layer_sparsity: {layer: sparsity}")
+            raise NetslimError("plan 'explicit' needs layer_sparsity: {layer: sparsity}")
         if self.schedule == "agp" and self.plan == "threshold":
-            raise ValueError("schedule 'agp' needs a target sparsity; plan 'threshold' has none")
+            raise NetslimError("schedule 'agp' needs a target sparsity; plan 'threshold' has none")
         self.train_config = TrainConfig(**self.train) if self.schedule == "agp" else None
 
 
@@ -68,7 +68,7 @@ def _masks(model: nn.Module, cfg: PruneConfig, sparsity: float, plan: dict[str, 
     """Masks at overall ``sparsity``; a per-layer plan is scaled by ``sparsity / cfg.sparsity``
     so that a gradual schedule raises every layer along the same curve."""
     exclude = tuple(cfg.exclude)
-    if cfg.plan in ("global", "layer"):
+    if cfg.plan in SCOPES:
         return magnitude_masks(model, sparsity, cfg.plan, exclude)
     if cfg.plan == "threshold":
         return threshold_masks(model, cfg.threshold_std, exclude)

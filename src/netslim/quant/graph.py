@@ -25,6 +25,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from torch.nn.utils import parametrize
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
+from ..layers import covers
 from .modules import ActQuant
 
 log = logging.getLogger("netslim.quant")
@@ -142,9 +143,10 @@ def _flatten_args(args) -> list:
 
 
 def quantizable_layers(model: nn.Module, exclude: tuple[str, ...] = ()) -> dict[str, nn.Module]:
-    """Conv/linear layers to quantize (names not starting with an ``exclude`` entry), in model order."""
-    return {n: m for n, m in model.named_modules()
-            if isinstance(m, QUANT_LAYERS) and not any(n == e or n.startswith(e + ".") for e in exclude)}
+    """Conv/linear layers to quantize (not inside an ``exclude`` name), in model order. ``model`` is the
+    folded copy :func:`netslim.quant.prepare` makes (a folded BatchNorm is gone from it), so the names are
+    checked against the user's model there, not here."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, QUANT_LAYERS) and not covers(exclude, n)}
 
 
 def warn_unsupported(model: nn.Module) -> list[str]:

@@ -16,6 +16,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..errors import NetslimError, unknown_choice
+from ..layers import select_layers
 from ..surgery import bake_parametrizations_
 
 INITS = ("linear", "density", "random")
@@ -121,7 +122,8 @@ def hash_layer_(module: nn.Module, bits: int, seed: int = 0) -> nn.Module:
 
 
 def shareable_layers(model: nn.Module, exclude: tuple[str, ...] = ()) -> dict[str, nn.Module]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, SHAREABLE) and n not in exclude}
+    """Conv and linear layers not inside an ``exclude`` name (see :func:`netslim.layers.select_layers`)."""
+    return select_layers(model, SHAREABLE, exclude=exclude)
 
 
 def layer_bits(module: nn.Module, conv_bits: int, fc_bits: int) -> int:

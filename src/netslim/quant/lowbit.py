@@ -22,6 +22,7 @@ from torch.nn.utils import parametrize
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import NetslimError, unknown_choice
+from ..layers import select_layers
 from ..surgery import bake_parametrizations_
 from ..train import TrainConfig, TrainHook, fit
 
@@ -70,13 +71,14 @@ class TernaryWeight(nn.Module):
         return ternary + (weight - w)
 
 
-def _layers(model: nn.Module, exclude: tuple[str, ...] = ()) -> dict[str, nn.Module]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, LOWBIT_LAYERS) and n not in exclude}
+def lowbit_layers(model: nn.Module, exclude: tuple[str, ...] = ()) -> dict[str, nn.Module]:
+    """Conv and linear layers not inside an ``exclude`` name (see :func:`netslim.layers.select_layers`)."""
+    return select_layers(model, LOWBIT_LAYERS, exclude=exclude)
 
 
 def first_last_layers(model: nn.Module) -> tuple[str, ...]:
     """The first conv and the last linear (falling back to the first / last layer), kept in float by the papers."""
-    layers = list(_layers(model).items())
+    layers = list(lowbit_layers(model).items())
     if not layers:
         return ()
     convs = [n for n, m in layers if not isinstance(m, nn.Linear)]
@@ -95,7 +97,7 @@ def lowbit_weights_(model: nn.Module, method: str, exclude: tuple[str, ...] = ()
         raise unknown_choice("low-bit method", method, LOWBIT_METHODS)
     skip = tuple(exclude) + (first_last_layers(model) if first_last_float else ())
     names = []
-    for name, module in _layers(model, skip).items():
+    for name, module in lowbit_layers(model, skip).items():
         quantizer = BinaryWeight() if method == "binary" else TernaryWeight()
         parametrize.register_parametrization(module, "weight", quantizer)
         names.append(name)
@@ -158,7 +160,7 @@ class INQ(TrainHook):
         return self.step >= len(self.portions)
 
     def _setup(self, model: nn.Module) -> None:
-        self.layers = _layers(model, self.exclude)
+        self.layers = lowbit_layers(model, self.exclude)
         for name, module in self.layers.items():
             bake_parametrizations_(module)
             w = module.weight.detach()

@@ -1,11 +1,13 @@
-"""Post-training quantization: ``netslim.quant.quantize(model, example_input, calibration, QuantConfig(...))``.
+"""Post-training quantization: ``netslim.quant.quantize(model, example_input, calib_data, QuantConfig(...))``.
 
 The steps, in order: fold BatchNorm into the layers before it; optionally equalize ranges across
 layers (CLE, Nagel et al. 2019); fake-quantize weights per tensor or per output channel on a min-max
 or MSE range; calibrate activation ranges on a few hundred images with the chosen calibrator
 (min-max, moving average, percentile, MSE, KL as in TensorRT, ACIQ); optionally correct the bias
 shift quantization causes (empirical from the calibration images, or data-free from BatchNorm
-statistics) and learn the rounding of each layer (AdaRound, Nagel et al. 2020).
+statistics) and learn the rounding of each layer (AdaRound, Nagel et al. 2020). With a size target
+(``target="size:8"``) each layer's weight bit width is chosen first from its measured sensitivity
+(:mod:`netslim.quant.mixed`).
 """
 from __future__ import annotations
 
@@ -21,7 +23,11 @@ import torch
 from torch import fx, nn
 from torch.nn.utils import parametrize
 
+from ..deprecation import renamed_argument
 from ..errors import NetslimError, unknown_choice
+from ..layers import check_layer_names
+from ..targets import Target, parse_target
+from ..train import default_device
 from .calibrate import CALIBRATORS, weight_range
 from .graph import (fold_batchnorm, insert_activation_quantizers, per_layer_fallback, quantizable_layers,
                     warn_unsupported)
@@ -40,7 +46,11 @@ class QuantConfig:
     ``weight_bits`` / ``act_bits``: 2..16 (``act_bits`` 0 leaves activations in float);
     ``per_channel``: one weight scale per output channel; ``weight_range``: ``minmax`` or ``mse``;
     ``calibrator``: activation range method (see :data:`CALIBRATORS`); ``layer_bits``: per-layer weight
-    bit widths overriding ``weight_bits`` (mixed precision); ``exclude``: layer names kept in float.
+    bit widths overriding ``weight_bits`` (mixed precision); ``target``: ``"size:N"`` chooses those
+    widths instead (from :data:`MIXED_WIDTHS` up to ``weight_bits``, by measured sensitivity) so that the
+    quantized layers' weights take N times fewer bytes than in float32 (``"size:8"``: 4 bits on average;
+    biases, scales and float layers are not counted); ``exclude``: layers kept in float (a name covers
+    its submodules).
     """
 
     weight_bits: int = 8
@@ -60,9 +70,11 @@ class QuantConfig:
     quantize_output: bool = True
     layer_bits: dict[str, int] = field(default_factory=dict)
     exclude: list[str] = field(default_factory=list)
+    target: str | dict | None = None
 
     def __post_init__(self) -> None:
         QuantSpec(self.weight_bits)  # validates the range
+        parse_target(self.target, ("size",), "quantize target")
         if self.act_bits:
             QuantSpec(self.act_bits)
         for name, bits in self.layer_bits.items():
@@ -82,6 +94,20 @@ class QuantConfig:
     def act_spec(self) -> QuantSpec:
         return QuantSpec(self.act_bits, symmetric=self.symmetric_activations, narrow=False)
 
+    @property
+    def size_target(self) -> Target | None:
+        return parse_target(self.target, ("size",), "quantize target")
+
+
+def quant_fields(config: QuantConfig) -> dict:
+    """The :class:`QuantConfig` fields of ``config`` as a dict (a subclass, such as the ``quantize`` stage's
+    config, adds fields of its own that :func:`quantize` does not read)."""
+    return {f.name: copy.deepcopy(getattr(config, f.name)) for f in dataclasses.fields(QuantConfig)}
+
+
+MIXED_WIDTHS = (2, 3, 4, 6, 8)  # the widths a size target chooses from (those <= weight_bits)
+SENSITIVITY_IMAGES = 256        # calibration images the per-layer sensitivity is measured on
+
 
 def check_finite(model: nn.Module) -> None:
     """A model with NaN or infinite weights cannot be quantized (its ranges are meaningless)."""
@@ -95,6 +121,7 @@ def prepare(model: nn.Module, example_input: torch.Tensor, config: QuantConfig) 
     """Folded, traced copy of ``model`` with activation quantizers in place (in ``float`` mode) and no
     weight quantization yet. Returns it and the folded BatchNorm statistics."""
     check_finite(model)
+    check_layer_names(model, config.exclude, "exclude")
     try:
         gm, bn_stats = fold_batchnorm(model)
         traced = True
@@ -118,7 +145,7 @@ def prepare(model: nn.Module, example_input: torch.Tensor, config: QuantConfig) 
         else:
             per_layer_fallback(gm, make, tuple(config.exclude))
     gm.netslim_traced = traced
-    _attach_record(gm, {"config": dataclasses.asdict(config), "input_shape": [int(s) for s in example_input.shape],
+    _attach_record(gm, {"config": quant_fields(config), "input_shape": [int(s) for s in example_input.shape],
                         "float_model": _skeleton(model)})
     return gm, bn_stats
 
@@ -204,12 +231,18 @@ def activation_quantizers(model: nn.Module) -> list[ActQuant]:
 
 
 @torch.no_grad()
-def calibrate_(model: nn.Module, batches: Iterable, max_batches: int | None = None, device: str = "cpu") -> int:
-    """Observe activation ranges on ``batches`` (tensors or (input, target) pairs) with float weights,
-    then fix every activation quantizer's scale and zero point. Returns the number of images seen."""
+def calibrate_(model: nn.Module, calib_data: Iterable | None = None, max_batches: int | None = None,
+               device: str | torch.device | None = None, *, batches: Iterable | None = None) -> nn.Module:
+    """Observe activation ranges on ``calib_data`` (batches: tensors or (input, target) pairs) with float
+    weights, then fix every activation quantizer's scale and zero point; returns ``model``.
+    ``device``: where the batches go (default :func:`netslim.train.default_device`)."""
+    calib_data = renamed_argument(calib_data, batches, "batches", "calib_data", "calibrate_")
+    if calib_data is None:
+        raise NetslimError("calibrate_ needs calib_data: batches of images")
+    device = torch.device(device) if device is not None else default_device()
     set_mode(model, "observe")
     seen = 0
-    for i, batch in enumerate(batches):
+    for i, batch in enumerate(calib_data):
         if max_batches is not None and i >= max_batches:
             break
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
@@ -220,39 +253,76 @@ def calibrate_(model: nn.Module, batches: Iterable, max_batches: int | None = No
     for q in activation_quantizers(model):
         q.finish_calibration()
     set_mode(model, "quantize")
-    return seen
+    return model
 
 
-def quantize(model: nn.Module, example_input: torch.Tensor, calibration: Iterable | None,
-             config: QuantConfig | None = None, device: str = "cpu") -> nn.Module:
+def quantize(model: nn.Module, example_input: torch.Tensor, calib_data: Iterable | None = None,
+             config: QuantConfig | None = None, device: str | torch.device | None = None, *,
+             calibration: Iterable | None = None) -> nn.Module:
     """Post-training quantization of a copy of ``model`` (the original is not changed).
 
-    ``calibration``: an iterable of image batches (a DataLoader), needed unless ``config.act_bits`` is 0
-    and neither empirical bias correction nor AdaRound is asked for. Returns the simulated quantized
-    model in ``quantize`` mode; :func:`netslim.quant.export.to_onnx_qdq` runs it as integers.
+    ``calib_data``: an iterable of image batches (a DataLoader), needed unless ``config.act_bits`` is 0
+    and neither empirical bias correction, AdaRound nor a size target is asked for. ``device``: where the
+    quantized model and the data go (default :func:`netslim.train.default_device`). Returns the
+    simulated quantized model in ``quantize`` mode (with ``netslim_bit_plan``, the
+    :class:`~netslim.quant.mixed.BitPlan`, when ``config.target`` chose the widths);
+    :func:`netslim.quant.to_onnx_qdq` runs it as integers. ``calibration=`` is the deprecated name of
+    ``calib_data``.
     """
+    calib_data = renamed_argument(calib_data, calibration, "calibration", "calib_data", "quantize")
     config = config or QuantConfig()
-    needs_data = config.act_bits or config.adaround or config.bias_correction == "empirical"
-    if needs_data and calibration is None:
-        raise NetslimError("post-training quantization of activations needs calibration images")
+    device = torch.device(device) if device is not None else default_device()
+    needs_data = config.act_bits or config.adaround or config.bias_correction == "empirical" or config.target
+    if needs_data and calib_data is None:
+        raise NetslimError("post-training quantization of activations needs calib_data (calibration images)")
+    plan = None
+    if config.size_target is not None:
+        plan = plan_mixed_precision(model, example_input, calib_data, config, device)
+        config = dataclasses.replace(config, layer_bits={**plan.bits, **config.layer_bits}, target=None)
     qmodel, bn_stats = prepare(model, example_input, config)
     qmodel.to(device)
     layers = quantize_weights_(qmodel, config)
     if config.act_bits:
-        calibrate_(qmodel, calibration, config.calibration_batches, device)
+        calibrate_(qmodel, calib_data, config.calibration_batches, device)
     set_mode(qmodel, "quantize")
     if config.bias_correction == "data_free":
         from .corrections import data_free_bias_correction_
         data_free_bias_correction_(qmodel, bn_stats)
     elif config.bias_correction == "empirical":
         from .corrections import empirical_bias_correction_
-        empirical_bias_correction_(qmodel, calibration, config.calibration_batches, device)
+        empirical_bias_correction_(qmodel, calib_data, config.calibration_batches, device)
     if config.adaround:
         from .corrections import adaround_model_
-        adaround_model_(qmodel, calibration, config.adaround_samples, config.adaround_iters, device)
+        adaround_model_(qmodel, calib_data, config.adaround_samples, config.adaround_iters, device)
     align_biases_(qmodel)
+    qmodel.netslim_bit_plan = plan
     log.info("quantized %d layers (%s)", len(layers), "fx graph" if qmodel.netslim_traced else "per layer")
     return qmodel.eval()
+
+
+def plan_mixed_precision(model: nn.Module, example_input: torch.Tensor, calib_data: Iterable, config: QuantConfig,
+                         device: str | torch.device | None = None):
+    """Per-layer weight widths meeting ``config.target`` (``"size:N"``: N times fewer weight bytes than
+    float32): quantize once at ``weight_bits``, measure each layer's sensitivity at every width of
+    :data:`MIXED_WIDTHS` up to ``weight_bits`` on the first :data:`SENSITIVITY_IMAGES` calibration
+    images, then :func:`~netslim.quant.mixed.plan_bits` under the byte budget."""
+    from .mixed import layer_sensitivity, plan_bits
+
+    target = config.size_target
+    device = torch.device(device) if device is not None else default_device()
+    probe = quantize(model, example_input, calib_data, dataclasses.replace(config, target=None), device)
+    images, seen = [], 0
+    for batch in calib_data:
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        images.append(x[: SENSITIVITY_IMAGES - seen].to(device))
+        seen += len(images[-1])
+        if seen >= SENSITIVITY_IMAGES:
+            break
+    widths = tuple(b for b in MIXED_WIDTHS if b <= config.weight_bits) or (config.weight_bits,)
+    table = layer_sensitivity(probe, images, widths=widths)
+    weights = sum(m.parametrizations.weight.original.numel() for m in probe.modules()
+                  if hasattr(m, "parametrizations") and "weight" in m.parametrizations)
+    return plan_bits(probe, table, int(target.goal(4 * weights)))
 
 
 def _input_quantizer(node: fx.Node, modules: dict[str, nn.Module]) -> ActQuant | None:

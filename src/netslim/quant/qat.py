@@ -20,7 +20,7 @@ from .ptq import align_biases_, set_mode
 LEARNERS = ("ste", "lsq", "pact")
 
 
-def make_learnable_(model: nn.Module, learn: str = "lsq") -> list[nn.Parameter]:
+def make_learnable_(model: nn.Module, learn: str = "ste") -> list[nn.Parameter]:
     """Turn the quantizers' steps into trainable parameters as ``learn`` says; returns them."""
     if learn not in LEARNERS:
         raise unknown_choice("QAT learner", learn, LEARNERS)
@@ -54,10 +54,11 @@ class PactPenalty(TrainHook):
 
 
 def quantization_aware_training(model: nn.Module, train_data, config: TrainConfig | None = None,
-                                learn: str = "lsq", hooks: Iterable[TrainHook] = (), device=None,
+                                learn: str = "ste", hooks: Iterable[TrainHook] = (), device=None,
                                 progress: bool = True) -> nn.Module:
     """Fine-tune a quantized ``model`` (from :func:`netslim.quant.quantize`, already calibrated) in place
-    with fake quantization in the forward pass; returns it in ``quantize`` mode."""
+    with fake quantization in the forward pass; returns it in ``quantize`` mode. ``learn``: ``ste`` (the
+    default, as in the ``quantize`` stage: steps fixed), ``lsq`` or ``pact`` (see :data:`LEARNERS`)."""
     config = config or TrainConfig(epochs=1, lr=1e-3, amp=False)
     set_mode(model, "quantize")
     make_learnable_(model, learn)

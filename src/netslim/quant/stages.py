@@ -8,76 +8,72 @@ quantization-aware training (straight-through); ``learn: lsq`` or ``pact`` lets 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import warnings
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 
 from ..errors import NetslimError, unknown_choice
 from ..pipeline.stages import StageContext, stage
 from ..train import TrainConfig
-from .calibrate import CALIBRATORS
 from .kmeans import INITS, restore_shared_, share_weights_, shareable_layers
+from .ptq import QuantConfig
+from .qat import LEARNERS
 
 QUANT_METHODS = ("kmeans", "hash", "ptq", "binary", "ternary", "inq")
 
 
 @dataclass
-class QuantizeConfig:
-    """Weight sharing: ``conv_bits`` / ``fc_bits`` give 2**bits shared values per layer (Deep Compression:
-    8 and 5), ``init`` the k-means initialisation. ``ptq``: ``weight_bits``, ``act_bits``, ``per_channel``,
-    ``calibrator`` (minmax, moving_average, percentile, mse, kl, aciq), ``weight_range`` (minmax, mse),
-    ``cle``, ``bias_correction`` (none, empirical, data_free), ``adaround``, ``size_budget`` (a fraction of
-    the all-``weight_bits`` weight size: mixed precision), ``learn`` (ste, lsq, pact: what a following
-    finetune trains). ``inq``: ``inq_bits`` and ``train`` (TrainConfig fields for each portion)."""
+class QuantizeConfig(QuantConfig):
+    """Every :class:`~netslim.quant.ptq.QuantConfig` field (``method: ptq`` passes them to
+    :func:`netslim.quant.quantize` as they are: ``weight_bits``, ``act_bits``, ``calibrator``, ...,
+    ``target: "size:N"`` for mixed precision), and: ``method``; weight sharing's ``conv_bits`` /
+    ``fc_bits`` (2**bits shared values per layer; Deep Compression: 8 and 5) and ``init`` (k-means
+    initialisation); ``learn`` (ste, lsq, pact: what a following finetune trains, as in
+    :func:`netslim.quant.quantization_aware_training`); ``inq``: ``inq_bits`` and ``train`` (TrainConfig
+    fields for each portion); ``seed``. ``size_budget`` (a fraction of the all-``weight_bits`` weight
+    size) is the deprecated form of ``target``: ``size_budget: 0.5`` at 8 bits is ``target: "size:8"``."""
 
     method: str = "kmeans"
     conv_bits: int = 8
     fc_bits: int = 5
     init: str = "linear"
-    weight_bits: int = 8
-    act_bits: int = 8
-    per_channel: bool = True
-    calibrator: str = "minmax"
-    weight_range: str = "minmax"
-    cle: bool = False
-    relu6_to_relu: bool = False
-    bias_correction: str = "none"
-    adaround: bool = False
-    adaround_iters: int = 1000
-    size_budget: float | None = None
     learn: str = "ste"
     inq_bits: int = 5
     train: dict = field(default_factory=dict)
-    exclude: list[str] = field(default_factory=list)
     seed: int = 0
+    size_budget: float | None = None
 
     def __post_init__(self) -> None:
         if self.method not in QUANT_METHODS:
             raise unknown_choice("quantize method", self.method, QUANT_METHODS)
         if self.init not in INITS:
             raise unknown_choice("k-means init", self.init, INITS)
-        if self.calibrator not in CALIBRATORS:
-            raise unknown_choice("calibrator", self.calibrator, CALIBRATORS)
-        if self.learn not in ("ste", "lsq", "pact"):
-            raise unknown_choice("QAT learner", self.learn, ("ste", "lsq", "pact"))
+        if self.learn not in LEARNERS:
+            raise unknown_choice("QAT learner", self.learn, LEARNERS)
         for name in ("conv_bits", "fc_bits"):
             bits = getattr(self, name)
             if not isinstance(bits, int) or not 1 <= bits <= 16:
-                raise ValueError(f"{name} must be an integer in 1..16, got {bits!r}")
-        if self.size_budget is not None and not 0 < self.size_budget <= 1:
-            raise ValueError(f"size_budget must be a fraction in (0, 1], got {self.size_budget}")
-        self.ptq_config()  # validates the PTQ fields
+                raise NetslimError(f"{name} must be an integer in 1..16, got {bits!r}")
+        if self.size_budget is not None:
+            if not isinstance(self.size_budget, (int, float)) or not 0 < self.size_budget <= 1:
+                raise NetslimError(f"size_budget must be a fraction in (0, 1], got {self.size_budget!r}")
+            if self.target is not None:
+                raise NetslimError("give target: \"size:N\" or the deprecated size_budget, not both")
+            factor = 32 / (self.weight_bits * self.size_budget)
+            warnings.warn(f"quantize: size_budget: {self.size_budget} is deprecated; write target: \"size:{factor:.4g}\" "
+                          f"(N times fewer weight bytes than float32)", DeprecationWarning, stacklevel=3)
+            self.target, self.size_budget = {"size": factor}, None
+        super().__post_init__()  # validates the PTQ fields
+        if self.target is not None and self.method != "ptq":
+            raise NetslimError(f"target (mixed precision) needs method 'ptq', not {self.method!r}")
         TrainConfig(**self.train)
 
-    def ptq_config(self, layer_bits: dict[str, int] | None = None):
-        from .ptq import QuantConfig
-        return QuantConfig(weight_bits=self.weight_bits, act_bits=self.act_bits, per_channel=self.per_channel,
-                           weight_range=self.weight_range, calibrator=self.calibrator, cle=self.cle,
-                           relu6_to_relu=self.relu6_to_relu, bias_correction=self.bias_correction,
-                           adaround=self.adaround, adaround_iters=self.adaround_iters,
-                           layer_bits=dict(layer_bits or {}), exclude=list(self.exclude))
+    def ptq_config(self, layer_bits: dict[str, int] | None = None) -> QuantConfig:
+        """This config with the widths a size target chose (recorded by the stage) fixed."""
+        return replace(self, layer_bits=dict(layer_bits or self.layer_bits), target=None) if layer_bits else self
 
 
 def _restore(model: nn.Module, cfg: QuantizeConfig, artifacts: dict | None = None) -> nn.Module:
@@ -125,24 +121,15 @@ def _share(ctx: StageContext, cfg: QuantizeConfig) -> nn.Module:
 
 
 def _ptq(ctx: StageContext, cfg: QuantizeConfig) -> nn.Module:
-    from .mixed import layer_sensitivity, plan_bits
     from .ptq import quantize as ptq
     from .qat import make_learnable_
 
-    calib = DataLoader(ctx.data.calib, batch_size=64)
-    layer_bits, notes = {}, []
-    if cfg.size_budget is not None:
-        probe = ptq(ctx.model, ctx.example_input, calib, cfg.ptq_config(), device=ctx.device)
-        images = [x.to(ctx.device) for x, _ in DataLoader(Subset(ctx.data.calib, range(min(256, len(ctx.data.calib)))),
-                                                           batch_size=64)]
-        table = layer_sensitivity(probe, images, widths=tuple(b for b in (2, 3, 4, 6, 8) if b <= cfg.weight_bits))
-        full = sum(p.parametrizations.weight.original.numel() for p in probe.modules()
-                   if hasattr(p, "parametrizations") and "weight" in p.parametrizations) * cfg.weight_bits // 8
-        plan = plan_bits(probe, table, int(full * cfg.size_budget))
-        layer_bits = plan.bits
-        notes.append(f"mixed precision under {cfg.size_budget:.0%} of the {cfg.weight_bits}-bit weight size:\n\n{plan.table()}")
-    qmodel = ptq(ctx.model, ctx.example_input, calib, cfg.ptq_config(layer_bits), device=ctx.device)
+    qmodel = ptq(ctx.model, ctx.example_input, DataLoader(ctx.data.calib, batch_size=64), cfg, device=ctx.device)
     make_learnable_(qmodel, cfg.learn)
+    plan = qmodel.netslim_bit_plan
+    layer_bits = plan.bits if plan is not None else {}
+    notes = [] if plan is None else [f"mixed precision for {cfg.size_target} (weights {plan.weight_bytes:,} bytes, "
+                                     f"budget {plan.budget_bytes:,}):\n\n{plan.table()}"]
     from .pack import save_quantized
     stored = save_quantized(qmodel, ctx.stage_dir / "model.nsq").stat().st_size
     ctx.artifacts.update(input_shape=list(ctx.example_input.shape), layer_bits=layer_bits, stored_bytes=stored)

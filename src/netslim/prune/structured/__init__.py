@@ -4,7 +4,8 @@
 The pieces change independently (as in Torch-Pruning): :mod:`.graph` says what is coupled,
 :mod:`.criteria` what matters, :mod:`.select` how much each layer keeps.
 """
-from .api import TARGET_METRICS, parse_target, structured
+from ...targets import parse_target
+from .api import TARGET_METRICS, structured
 from .apply import remove_groups_
 from .criteria import CRITERIA, SlimmingRegularizer, group_scores
 from .graph import DependencyGraph, trace

@@ -8,8 +8,10 @@ import torch
 from torch import nn
 
 from ...errors import NetslimError, unknown_choice
+from ...layers import check_layer_names, covers
 from ...outputs import shape_mismatch
 from ...surgery import bake_parametrizations_, safe_deepcopy
+from ...targets import METRICS, Target, bisect, check_scope, measure, parse_target
 from .apply import remove_groups_
 from .criteria import CRITERIA, group_scores
 from .graph import DependencyGraph, trace
@@ -17,40 +19,12 @@ from .select import LayerGroup, layer_groups, select
 
 log = logging.getLogger("netslim.prune.structured")
 
-TARGET_METRICS = ("macs", "params", "latency")
-
-
-def parse_target(target: str | dict | None) -> tuple[str, float] | None:
-    """``"macs:2"`` or ``{"macs": 2}`` -> ("macs", 2.0): the model should get 2x smaller in that metric."""
-    if target is None:
-        return None
-    if isinstance(target, str):
-        metric, sep, value = target.partition(":")
-        if not sep:
-            raise NetslimError(f"target {target!r} must look like 'macs:2' (metrics: {', '.join(TARGET_METRICS)})")
-        target = {metric: value}
-    if not isinstance(target, dict) or len(target) != 1:
-        raise NetslimError(f"target must name one metric, e.g. {{'macs': 2}}; got {target!r}")
-    (metric, value), = target.items()
-    if metric not in TARGET_METRICS:
-        raise unknown_choice("target metric", metric, TARGET_METRICS)
-    try:
-        factor = float(value)
-    except (TypeError, ValueError):
-        raise NetslimError(f"target {metric}: {value!r} is not a number") from None
-    if not factor > 1.0:
-        raise NetslimError(f"target {metric} reduction must be > 1 (e.g. 2 for 2x fewer), got {factor}")
-    return metric, factor
+TARGET_METRICS = METRICS  # macs, params, size (stored bytes), latency (measured at example_input's batch size)
 
 
 def _fix_excluded(model: nn.Module, graph: DependencyGraph, exclude: Iterable[str]) -> None:
-    names = dict(model.named_modules())
-    for pattern in exclude:
-        if pattern not in names:
-            valid = [n for n in names if n]
-            shown = ", ".join(valid[:40]) + (f", ... ({len(valid)} in all)" if len(valid) > 40 else "")
-            raise NetslimError(f"exclude: no layer named {pattern!r}; layers: {shown}")
-        inside = [s for s in graph.slices if s.module == pattern or s.module.startswith(pattern + ".")]
+    for pattern in check_layer_names(model, exclude, "exclude"):
+        inside = [s for s in graph.slices if covers((pattern,), s.module)]
         producing = [s for s in inside if s.role == "out"] or inside  # keep what the layer outputs
         for s in producing:
             graph.uf.fix(s.labels[s.labels > 0])
@@ -62,37 +36,26 @@ def _warn_unprunable(graph: DependencyGraph) -> None:
         log.warning("channels kept unpruned (cannot be removed safely): %s", "; ".join(reasons))
 
 
-def measure(model: nn.Module, example_input: torch.Tensor, metric: str) -> float:
-    from ...profile import profile
-    if metric == "latency":
-        return profile(model, example_input, batch_sizes=(example_input.shape[0],), repeats=10, warmup=2
-                       ).latency_ms[example_input.shape[0]]
-    report = profile(model, example_input, latency=False)
-    return float(report.macs if metric == "macs" else report.params)
-
-
 def _prune_copy(model, graph, remove):
     pruned = safe_deepcopy(model)
     return remove_groups_(pruned, graph, remove)
 
 
-def _ratio_for_target(model, example_input, graph, lgs, scores, metric, factor, scope, round_to, min_keep):
-    dense = measure(model, example_input, metric)
-    goal = dense / factor
-    lo, hi, best = 0.0, 0.99, None
-    for _ in range(12 if metric != "latency" else 8):
-        mid = (lo + hi) / 2
-        remove = select(lgs, scores, mid, scope, round_to, min_keep)
-        value = measure(_prune_copy(model, graph, remove), example_input, metric)
-        if value <= goal:
-            best, hi = (mid, remove), mid
-        else:
-            lo = mid
-    if best is None:
-        raise NetslimError(f"cannot reach {factor:g}x fewer {metric} by removing channels "
+def ratio_for_target(model, example_input, graph, lgs, scores, target: Target, scope, round_to, min_keep):
+    """The smallest channel ratio (and the groups it removes) whose pruned copy meets ``target``."""
+    steps = 8 if target.metric == "latency" else 12
+
+    def value(ratio: float):
+        remove = select(lgs, scores, ratio, scope, round_to, min_keep)
+        return measure(_prune_copy(model, graph, remove), example_input, target.metric, warmup=2, repeats=10), remove
+
+    goal = target.goal(measure(model, example_input, target.metric, warmup=2, repeats=10))
+    found = bisect(value, 0.0, 0.99, goal, increasing=False, steps=steps)
+    if found is None:
+        raise NetslimError(f"cannot reach {target.factor:g}x fewer {target.metric} by removing channels "
                            f"(scope {scope!r}, min_keep {min_keep}); try scope 'global' or a smaller target")
-    log.info("target %s %.2fx -> channel ratio %.3f", metric, factor, best[0])
-    return best
+    log.info("target %s -> channel ratio %.3f", target, found.knob)
+    return found.knob, found.result
 
 
 def structured(model: nn.Module, example_input: torch.Tensor, ratio: float = 0.5, criterion: str = "l1", *,
@@ -113,7 +76,8 @@ def structured(model: nn.Module, example_input: torch.Tensor, ratio: float = 0.5
     """
     if criterion not in CRITERIA:
         raise unknown_choice("criterion", criterion, CRITERIA)
-    parsed = parse_target(target)
+    scope = check_scope(scope)
+    parsed = parse_target(target, TARGET_METRICS, "target")
     work = model if inplace else safe_deepcopy(model)
     bake_parametrizations_(work)
     graph = graph or trace(work, example_input)
@@ -125,7 +89,7 @@ def structured(model: nn.Module, example_input: torch.Tensor, ratio: float = 0.5
     if parsed is None:
         remove = select(lgs, scores, ratio, scope, round_to, min_keep)
     else:
-        _, remove = _ratio_for_target(work, example_input, graph, lgs, scores, *parsed, scope, round_to, min_keep)
+        _, remove = ratio_for_target(work, example_input, graph, lgs, scores, parsed, scope, round_to, min_keep)
     with torch.no_grad():
         reference = work.eval()(example_input)
     remove_groups_(work, graph, remove)

@@ -21,7 +21,8 @@ from torch import nn
 
 from ...errors import NetslimError
 from ...surgery import bake_parametrizations_, safe_deepcopy
-from .api import measure, parse_target
+from ...targets import Target, bisect, measure, parse_target
+from .api import TARGET_METRICS
 from .apply import remove_groups_
 from .graph import DependencyGraph, trace
 from .select import LayerGroup, layer_groups
@@ -84,19 +85,13 @@ def _lasso_keep(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor, keep: int, it
             beta = torch.sign(beta) * torch.clamp(beta.abs() - step * lam, min=0)
         return beta
 
-    lo, hi = 0.0, float(target.abs().max()) * 2 + 1e-12
-    best = None
-    for _ in range(30):
-        lam = (lo + hi) / 2
+    def nonzeros(lam: float):
         beta = solve(lam)
-        nnz = int((beta != 0).sum())
-        if nnz <= keep:
-            best, hi = beta, lam
-        else:
-            lo = lam
-        if nnz == keep:
-            break
-    beta = best if best is not None else solve(hi)
+        return int((beta != 0).sum()), beta
+
+    hi = float(target.abs().max()) * 2 + 1e-12  # every beta is zero at this lambda
+    found = bisect(nonzeros, 0.0, hi, keep, increasing=False, steps=30, exact=True)
+    beta = found.result if found is not None else solve(hi)
     order = torch.argsort(beta.abs(), descending=True)
     return torch.sort(order[:keep]).values
 
@@ -145,9 +140,9 @@ def reconstruct_prune(model: nn.Module, example_input: torch.Tensor, images: tor
     plan = [(lg, c) for lg in layer_groups(graph) if (c := _single_consumer(graph, lg, modules)) is not None]
     if not plan:
         raise NetslimError("no channel group is read by a single dense layer: nothing to reconstruct")
-    parsed = parse_target(target)
+    parsed = parse_target(target, TARGET_METRICS)
     if parsed is not None:
-        ratio = _ratio_meeting(work, example_input, graph, plan, *parsed)
+        ratio = _ratio_meeting(work, example_input, graph, plan, parsed)
     order = {name: i for i, name in enumerate(modules)}
     dropped: set[int] = set()
     for lg, consumer in sorted(plan, key=lambda p: order[p[1]]):
@@ -158,20 +153,19 @@ def reconstruct_prune(model: nn.Module, example_input: torch.Tensor, images: tor
     return remove_groups_(work, graph, dropped)
 
 
-def _ratio_meeting(model, example_input, graph, plan, metric: str, factor: float) -> float:
-    goal = measure(model, example_input, metric) / factor
-    lo, hi, best = 0.0, 0.99, None
-    for _ in range(12):
-        mid = (lo + hi) / 2
+def _ratio_meeting(model, example_input, graph, plan, target: Target) -> float:
+    """The smallest ratio of the reconstructable groups whose removal meets ``target``."""
+    def value(ratio: float) -> float:
         remove = set()
         for lg, _ in plan:
-            keep = max(1, round(len(lg.roots) * (1 - mid)))
+            keep = max(1, round(len(lg.roots) * (1 - ratio)))
             remove |= set(lg.roots[: len(lg.roots) - keep])
-        if measure(remove_groups_(safe_deepcopy(model), graph, remove), example_input, metric) <= goal:
-            best, hi = mid, mid
-        else:
-            lo = mid
-    if best is None:
-        raise NetslimError(f"reconstruction cannot reach {factor:g}x fewer {metric}: only channels read by a single "
-                           "layer are pruned; choose a smaller target")
-    return best
+        return measure(remove_groups_(safe_deepcopy(model), graph, remove), example_input, target.metric,
+                       warmup=2, repeats=10)
+
+    goal = target.goal(measure(model, example_input, target.metric, warmup=2, repeats=10))
+    found = bisect(value, 0.0, 0.99, goal, increasing=False, steps=12)
+    if found is None:
+        raise NetslimError(f"reconstruction cannot reach {target.factor:g}x fewer {target.metric}: only channels "
+                           "read by a single layer are pruned; choose a smaller target")
+    return found.knob

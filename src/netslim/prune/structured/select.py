@@ -4,10 +4,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from ...errors import NetslimError
+from ...errors import NetslimError, unknown_choice
+from ...targets import SCOPES
 from .graph import DependencyGraph
-
-SCOPES = ("uniform", "global")
 
 
 @dataclass
@@ -92,5 +91,4 @@ def select(lgs: list[LayerGroup], scores: dict[int, float], ratio: float, scope:
         return select_uniform(lgs, scores, ratio, round_to)
     if scope == "global":
         return select_global(lgs, scores, ratio, round_to, min_keep)
-    from ...errors import unknown_choice
     raise unknown_choice("scope", scope, SCOPES)

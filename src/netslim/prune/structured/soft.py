@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from ...train import TrainConfig, TrainHook, fit
-from .api import _ratio_for_target, parse_target
+from ...targets import check_scope, parse_target
+from .api import TARGET_METRICS, ratio_for_target
 from .apply import remove_groups_
 from .criteria import group_scores
 from .graph import DependencyGraph, trace
@@ -65,12 +66,13 @@ def soft_filter_prune(model: nn.Module, example_input: torch.Tensor, train_data,
                       checkpoint_path=None) -> nn.Module:
     """Train ``model`` with SFP for ``config.epochs`` and return it with the chosen channels removed.
     ``target`` (e.g. ``"macs:2"``) sets the ratio from the model as it is before training."""
-    parsed = parse_target(target)
+    parsed = parse_target(target, TARGET_METRICS)
+    scope = check_scope(scope)
     hook = SoftFilterPruning(model, example_input, ratio, criterion, scope, round_to)
     if parsed is not None:
         scores = group_scores(criterion, model, hook.graph)
-        hook.ratio, _ = _ratio_for_target(model, example_input, hook.graph, hook.lgs, scores, *parsed,
-                                          scope, round_to, 0.1)
+        hook.ratio, _ = ratio_for_target(model, example_input, hook.graph, hook.lgs, scores, parsed,
+                                         scope, round_to, 0.1)
     fit(model, train_data, config or TrainConfig(), hooks=[hook], device=device, progress=progress,
         checkpoint_path=checkpoint_path)
     return hook.finalize(model)

@@ -10,10 +10,10 @@ from torch.utils.data import DataLoader, Subset
 from ...errors import NetslimError, unknown_choice
 from ...pipeline.stages import StageContext, stage
 from ...train import TrainConfig, fit
-from .api import parse_target, structured
+from ...targets import check_scope, parse_target
+from .api import TARGET_METRICS, structured
 from .criteria import CRITERIA, SlimmingRegularizer
 from .reconstruct import reconstruct_prune
-from .select import SCOPES
 from .serialize import apply_structure_, structure_of
 from .soft import soft_filter_prune
 
@@ -48,11 +48,10 @@ class ChannelPruneConfig:
             raise unknown_choice("criterion", self.criterion, CRITERIA)
         if self.method not in METHODS:
             raise unknown_choice("method", self.method, METHODS)
-        if self.scope not in SCOPES:
-            raise unknown_choice("scope", self.scope, SCOPES)
+        self.scope = check_scope(self.scope)
         if not 0 <= self.ratio < 1:
             raise NetslimError(f"ratio must be in [0, 1), got {self.ratio}")
-        parse_target(self.target)
+        parse_target(self.target, TARGET_METRICS, "prune_channels target")
         valid = {f.name for f in fields(TrainConfig)}
         unknown = set(self.train) - valid
         if unknown:
@@ -77,11 +76,11 @@ def _prune(model, ctx, cfg, target, ratio):
 
 def _iterative(ctx: StageContext, cfg: ChannelPruneConfig) -> nn.Module:
     """``steps`` rounds, each removing an equal share (geometrically) of the goal, then fine-tuning."""
-    parsed = parse_target(cfg.target)
+    parsed = parse_target(cfg.target, TARGET_METRICS)
     model = ctx.model
     for _ in range(cfg.steps):
         if parsed is not None:
-            model = _prune(model, ctx, cfg, {parsed[0]: parsed[1] ** (1 / cfg.steps)}, cfg.ratio)
+            model = _prune(model, ctx, cfg, parsed.root(cfg.steps), cfg.ratio)
         else:
             model = _prune(model, ctx, cfg, None, 1 - (1 - cfg.ratio) ** (1 / cfg.steps))
         fit(model, ctx.data.train, cfg.train_config, device=ctx.device, progress=ctx.progress)

@@ -1,0 +1,159 @@
+"""``netslim.lowrank.decompose(model, example_input, DecomposeConfig(...))``: low-rank factorization in one
+call, with the same config object the ``decompose`` recipe stage is built from."""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from ..errors import NetslimError, unknown_choice
+from ..targets import Target, target_or_reduction
+from ..train import default_device
+from .apply import METHODS, SELECTORS, DecompositionReport, apply_plan_, plan_decomposition
+from .refit import refit_
+from .search import TARGETS, energy_rank_search, greedy_rank_search
+
+CONFIG_SELECTORS = (*SELECTORS, "target", "energy_target")
+
+
+@dataclass
+class DecomposeConfig:
+    """``selector``: ``fixed`` (``rank``: an int, or a fraction of full rank), ``energy`` (keep ``energy``
+    of the squared singular values), ``vbmf`` (one-shot EVBMF), ``target`` (greedy per-layer search on
+    measured sensitivity until the model meets ``target``: ``"macs:2"``, ``"params:3"`` or
+    ``"latency:1.5"``, latency measured at batch ``latency_batch``), ``energy_target`` (the largest
+    energy, the same for every layer, that meets ``target``: macs or params).
+    ``candidates``: rank fractions the greedy search tries; ``sensitivity_samples``: held-out images it
+    measures accuracy on. ``layers`` / ``exclude``: which layers (a name covers its submodules);
+    ``ranks``: explicit ranks per layer. ``batchnorm``: a BatchNorm between spatial factors.
+    ``refit_images`` > 0: refit each decomposed layer's last factor on that many images so it reproduces
+    the layer's outputs before decomposition (asymmetric reconstruction, Zhang 2016).
+    ``reduction``: deprecated (``target: macs`` + ``reduction: 2`` is ``target: "macs:2"``)."""
+
+    method: str = "auto"
+    selector: str = "fixed"
+    rank: float | int | None = 0.5
+    energy: float = 0.9
+    target: str | dict | None = None
+    candidates: list[float] = field(default_factory=lambda: [0.125, 0.25, 0.375, 0.5, 0.75])
+    sensitivity_samples: int = 1000
+    layers: list[str] = field(default_factory=list)
+    exclude: list[str] = field(default_factory=list)
+    ranks: dict[str, int | list[int]] = field(default_factory=dict)
+    batchnorm: bool = False
+    refit_images: int = 0
+    latency_batch: int = 1
+    reduction: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise unknown_choice("decompose method", self.method, METHODS)
+        if self.selector not in CONFIG_SELECTORS:
+            raise unknown_choice("rank selector", self.selector, CONFIG_SELECTORS)
+        if self.reduction is not None or (isinstance(self.target, str) and ":" not in self.target):
+            # deprecated: `target: macs` + `reduction: 2` (a bare metric meant the old default reduction 2)
+            reduction = 2.0 if self.reduction is None else self.reduction
+            self.target = str(target_or_reduction(self.target, reduction, TARGETS, "decompose target"))
+            self.reduction = None
+        parsed = self.parsed_target
+        if parsed is not None and parsed.metric == "latency" and self.selector != "target":
+            raise NetslimError("target 'latency' needs selector 'target' (the greedy search times every candidate)")
+        if self.selector in ("target", "energy_target") and parsed is None:
+            raise NetslimError(f"selector {self.selector!r} needs target, e.g. target: \"macs:2\"")
+        if not 0 < self.energy <= 1:
+            raise NetslimError(f"energy must be in (0, 1], got {self.energy}")
+        if self.refit_images < 0:
+            raise NetslimError(f"refit_images must be >= 0, got {self.refit_images}")
+        if self.sensitivity_samples < 1:
+            raise NetslimError(f"sensitivity_samples must be >= 1, got {self.sensitivity_samples}")
+
+    @property
+    def parsed_target(self) -> Target | None:
+        return target_or_reduction(self.target, None, TARGETS, "decompose target")
+
+
+@dataclass
+class DecomposeResult:
+    """What :func:`decompose` returns: the decomposed ``model``, the per-layer ``report`` and ``details``
+    (``sensitivity`` of the greedy search, ``energy`` of ``energy_target``, ``refit_relative_error``)."""
+
+    model: nn.Module
+    report: DecompositionReport
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+def fixed_subset(data: Dataset, count: int, seed: int) -> Dataset:
+    """``count`` items of ``data`` drawn with a seeded permutation (all of it when it is smaller)."""
+    if len(data) <= count:
+        return data
+    picked = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:count].tolist()
+    return Subset(data, picked)
+
+
+def first_images(data: Any, count: int, seed: int = 2) -> torch.Tensor:
+    """A batch of ``count`` input images: the first ``count`` of a tensor, a seeded random draw from a
+    Dataset of ``(input, target)``, or the first batches of a DataLoader."""
+    if isinstance(data, torch.Tensor):
+        return data[:count]
+    if isinstance(data, Dataset) and not isinstance(data, DataLoader) and hasattr(data, "__len__"):
+        picked = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:count].tolist()
+        return torch.stack([data[i][0] for i in picked])
+    got, seen = [], 0
+    for batch in data:
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        got.append(x)
+        seen += len(x)
+        if seen >= count:
+            break
+    if not got:
+        raise NetslimError("calib_data gave no images")
+    return torch.cat(got)[:count]
+
+
+def _device_of(model: nn.Module) -> torch.device | None:
+    param = next(model.parameters(), None)
+    return None if param is None else param.device
+
+
+def decompose(model: nn.Module, example_input: torch.Tensor, config: DecomposeConfig | None = None, *,
+              eval_data: Dataset | None = None, calib_data: Any = None, device: str | torch.device | None = None,
+              progress: bool = True, inplace: bool = False) -> DecomposeResult:
+    """Low-rank factorization of ``model`` (a copy unless ``inplace``) as ``config`` says.
+
+    ``eval_data``: held-out labelled data the ``target`` selector measures accuracy on
+    (``config.sensitivity_samples`` of it); ``calib_data``: images for the refit (``config.refit_images``
+    of them; a tensor, a Dataset or a DataLoader). ``device``: where the model and data go (default
+    :func:`netslim.train.default_device`)."""
+    cfg = config or DecomposeConfig()
+    device = torch.device(device) if device is not None else default_device()
+    reference = (copy.deepcopy(model) if inplace or _device_of(model) != device else model) if cfg.refit_images else None
+    work = (model if inplace else copy.deepcopy(model)).to(device)
+    x = example_input.to(device)
+    details: dict[str, Any] = {}
+    if cfg.selector == "target":
+        if eval_data is None:
+            raise NetslimError("selector 'target' needs eval_data: held-out labelled data to measure accuracy on")
+        held_out = fixed_subset(eval_data, cfg.sensitivity_samples, seed=0)
+        report, details["sensitivity"] = greedy_rank_search(
+            work, x, held_out, cfg.parsed_target, cfg.method, tuple(cfg.candidates), tuple(cfg.layers),
+            tuple(cfg.exclude), cfg.batchnorm, device, progress, latency_batch=cfg.latency_batch)
+    elif cfg.selector == "energy_target":
+        report, details["energy"] = energy_rank_search(work, x, cfg.parsed_target, cfg.method, tuple(cfg.layers),
+                                                       tuple(cfg.exclude))
+    else:
+        value = cfg.energy if cfg.selector == "energy" else cfg.rank
+        report = plan_decomposition(work, x, cfg.method, cfg.selector, value, tuple(cfg.layers),
+                                    tuple(cfg.exclude), cfg.ranks)
+    apply_plan_(work, report, cfg.batchnorm)
+    if cfg.refit_images:
+        if calib_data is None:
+            raise NetslimError(f"refit_images: {cfg.refit_images} needs calib_data (images to refit on)")
+        images = first_images(calib_data, cfg.refit_images).to(device)
+        errors = refit_(work, reference.to(device), images,
+                        [n for n, p in report.layers.items() if p.skipped is None], progress=progress)
+        details["refit_relative_error"] = {n: {"before": b, "after": a} for n, (b, a) in errors.items()}
+    return DecomposeResult(work, report, details)
