@@ -52,7 +52,7 @@ def make_row(**fields: Any) -> dict[str, Any]:
     """A result row with every schema key present (missing ones null); unknown keys are an error."""
     unknown = set(fields) - set(ROW_KEYS)
     if unknown:
-        raise ValueError(f"unknown result row keys {sorted(unknown)}; valid: {', '.join(ROW_KEYS)}")
+        raise NetslimError(f"unknown result row keys {sorted(unknown)}; valid: {', '.join(ROW_KEYS)}")
     row = {k: fields.get(k) for k in ROW_KEYS}
     for k in ("latency_ms", "baseline_latency_ms"):
         if row[k] is not None:

@@ -163,7 +163,8 @@ def evaluate(model: nn.Module, data: DataLoader | Dataset, device: str | torch.d
 
 
 # ------------------------------------------------------------------ training
-def _make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """The optimizer ``cfg`` names, over ``model``'s trainable parameters."""
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
@@ -173,7 +174,8 @@ def _make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def _lr_factor(cfg: TrainConfig, step: int, total: int, steps_per_epoch: int) -> float:
+def lr_factor(cfg: TrainConfig, step: int, total: int, steps_per_epoch: int) -> float:
+    """The learning-rate multiplier at optimizer ``step`` of ``total``: warm-up, then ``cfg.schedule``."""
     warm = int(cfg.warmup_epochs * steps_per_epoch)
     if step < warm:
         return (step + 1) / warm
@@ -237,7 +239,7 @@ def fit(model: nn.Module, train_data: Dataset | DataLoader, config: TrainConfig 
         num_workers=cfg.workers, drop_last=len(train_data) > cfg.batch_size, persistent_workers=cfg.workers > 0)
     steps_per_epoch = len(loader) if cfg.max_steps_per_epoch is None else min(len(loader), cfg.max_steps_per_epoch)
     total_steps = max(1, steps_per_epoch * cfg.epochs)
-    optimizer = _make_optimizer(model, cfg)
+    optimizer = make_optimizer(model, cfg)
     base_lrs = [g["lr"] for g in optimizer.param_groups]
     use_amp = cfg.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda") if use_amp else None
@@ -264,7 +266,7 @@ def fit(model: nn.Module, train_data: Dataset | DataLoader, config: TrainConfig 
                 break
             step = epoch * steps_per_epoch + i
             for g, lr in zip(optimizer.param_groups, base_lrs):
-                g["lr"] = lr * _lr_factor(cfg, step, total_steps, steps_per_epoch)
+                g["lr"] = lr * lr_factor(cfg, step, total_steps, steps_per_epoch)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with torch.autocast(device_type=device.type, enabled=use_amp):
                 out = net(x)

@@ -71,7 +71,8 @@ def cross_entropy_weight(weights: Mapping[str, float]) -> float:
     return 1.0 - kd if 0 < kd <= 1 else 1.0
 
 
-def _as_pair(item: Any) -> LayerPair:
+def as_layer_pair(item: Any) -> LayerPair:
+    """``"name"`` (the same layer in both models) or ``[teacher_layer, student_layer]`` as a pair."""
     if isinstance(item, str):
         return item, item
     if isinstance(item, (list, tuple)) and len(item) == 2 and all(isinstance(n, str) for n in item):
@@ -88,11 +89,11 @@ def layer_pairs(weights: Mapping[str, float], layers: LayerSpec, key: str = "lay
         for name in layers:
             if name not in LAYER_LOSSES:
                 raise unknown_choice("layer-loss name", name, LAYER_LOSSES)
-        pairs = {n: [_as_pair(i) for i in (layers.get(n) or [])] for n in needed}
+        pairs = {n: [as_layer_pair(i) for i in (layers.get(n) or [])] for n in needed}
     else:
         if layers is not None and (isinstance(layers, str) or not isinstance(layers, Sequence)):
             raise NetslimError(f"{key} must be a list of layer pairs or a mapping loss -> list, got {layers!r}")
-        shared = [_as_pair(i) for i in (layers or [])]
+        shared = [as_layer_pair(i) for i in (layers or [])]
         pairs = {n: shared for n in needed}
     for name in needed:
         if not pairs[name]:
@@ -464,7 +465,7 @@ def distill(student: nn.Module, teacher: nn.Module, train_data: Dataset | DataLo
     weights = validate_losses({"kd": 0.9} if losses is None else losses)
     pairs = layer_pairs(weights, layers)
     if embedding is not None:
-        embedding = _as_pair(embedding)
+        embedding = as_layer_pair(embedding)
     cfg = config or TrainConfig()
     device = torch.device(device) if device is not None else default_device()
     student.to(device)

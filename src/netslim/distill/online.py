@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from ..errors import NetslimError
-from ..train import (TrainConfig, TrainHook, _lr_factor, _make_optimizer, default_device, fit, is_distributed,
+from ..train import (TrainConfig, TrainHook, default_device, fit, is_distributed, lr_factor, make_optimizer,
                      seed_everything)
 from .losses import kd_loss
 
@@ -127,7 +127,7 @@ def codistill(model: nn.Module, train_data: Dataset, config: TrainConfig | None 
                         drop_last=len(train_data) > cfg.batch_size, num_workers=cfg.workers)
     steps_per_epoch = len(loader) if cfg.max_steps_per_epoch is None else min(len(loader), cfg.max_steps_per_epoch)
     total_steps = max(1, steps_per_epoch * cfg.epochs)
-    optimizer = _make_optimizer(model, cfg)
+    optimizer = make_optimizer(model, cfg)
     base_lrs = [g["lr"] for g in optimizer.param_groups]
     history = []
     for epoch in range(cfg.epochs):
@@ -138,7 +138,7 @@ def codistill(model: nn.Module, train_data: Dataset, config: TrainConfig | None 
             if i >= steps_per_epoch:
                 break
             for g, lr in zip(optimizer.param_groups, base_lrs):
-                g["lr"] = lr * _lr_factor(cfg, epoch * steps_per_epoch + i, total_steps, steps_per_epoch)
+                g["lr"] = lr * lr_factor(cfg, epoch * steps_per_epoch + i, total_steps, steps_per_epoch)
             x, y = x.to(device), y.to(device)
             logits = model(x)
             peers = gather_peer_logits(logits)

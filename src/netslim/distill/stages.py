@@ -23,7 +23,7 @@ from .. import zoo
 from ..errors import NetslimError
 from ..pipeline.stages import StageContext, stage
 from ..train import TrainConfig
-from .distiller import _as_pair, distill, layer_pairs, validate_losses
+from .distiller import as_layer_pair, distill, layer_pairs, validate_losses
 
 
 @dataclass
@@ -56,7 +56,7 @@ class DistillConfig(TrainConfig):
         if self.student != "current":
             zoo.spec(self.student)
         if self.embedding is not None:
-            _as_pair(self.embedding)
+            as_layer_pair(self.embedding)
         if not self.temperature > 0:
             raise NetslimError(f"temperature must be > 0, got {self.temperature}")
         if self.crd_dim < 1 or self.crd_negatives < 1:

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..errors import NetslimError
+
 CODERS = ("const", "huffman", "ans")
 
 
@@ -69,9 +71,9 @@ def _huffman_decode(stream: CodedStream) -> np.ndarray:
         out = np.fromiter(itertools.islice(canonical_decode(bits, count, order), stream.n), dtype=np.int64,
                           count=-1)
     except ValueError as exc:
-        raise ValueError(f"corrupt Huffman stream: {exc}") from None
+        raise NetslimError(f"corrupt Huffman stream: {exc}") from None
     if out.size < stream.n:
-        raise ValueError(f"Huffman stream ends after {out.size} of {stream.n} symbols")
+        raise NetslimError(f"Huffman stream ends after {out.size} of {stream.n} symbols")
     return out
 
 
@@ -99,12 +101,12 @@ def _ans_decode(stream: CodedStream) -> np.ndarray:
 
     AnsCoder = constriction.stream.stack.AnsCoder
     if len(stream.payload) % 4:
-        raise ValueError("corrupt ANS stream: payload is not a whole number of 32-bit words")
+        raise NetslimError("corrupt ANS stream: payload is not a whole number of 32-bit words")
     words = np.frombuffer(stream.payload, dtype="<u4").astype(np.uint32)
     try:
         dense = AnsCoder(words).decode(_ans_model(stream.table["counts"]), stream.n)
     except Exception as exc:  # constriction raises on exhausted or invalid data
-        raise ValueError(f"corrupt ANS stream: {exc}") from None
+        raise NetslimError(f"corrupt ANS stream: {exc}") from None
     return np.asarray(stream.table["symbol"], dtype=np.int64)[np.asarray(dense, dtype=np.int64)]
 
 
@@ -129,11 +131,7 @@ def decode_stream(stream: CodedStream) -> np.ndarray:
         return _huffman_decode(stream)
     if stream.coder == "ans":
         return _ans_decode(stream)
-    raise ValueError(f"unknown coder {stream.coder!r}; valid coders: {', '.join(CODERS)}")
-
-
-def bits_per_symbol(stream: CodedStream) -> float:
-    return 8 * len(stream.payload) / max(stream.n, 1)
+    raise NetslimError(f"unknown coder {stream.coder!r}; valid coders: {', '.join(CODERS)}")
 
 
 def overhead_vs_bound(stream: CodedStream, symbols: np.ndarray) -> float:

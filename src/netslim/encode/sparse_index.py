@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..errors import NetslimError
+
 LAYOUTS = ("csr", "csc")
 
 
@@ -17,7 +19,7 @@ def flatten_order(shape: tuple[int, ...], layout: str) -> np.ndarray | None:
     if layout == "csr" or len(shape) < 2:
         return None
     if layout != "csc":
-        raise ValueError(f"unknown layout {layout!r}; valid layouts: {', '.join(LAYOUTS)}")
+        raise NetslimError(f"unknown layout {layout!r}; valid layouts: {', '.join(LAYOUTS)}")
     rows, cols = shape[0], int(np.prod(shape[1:]))
     return np.arange(rows * cols).reshape(rows, cols).T.ravel()
 
@@ -28,7 +30,7 @@ def encode_gaps(values: np.ndarray, bits: int, zero_symbol: int) -> tuple[np.nda
     ``values`` holds codebook indices (or any symbols) with ``zero_symbol`` meaning zero.
     """
     if not 1 <= bits <= 16:
-        raise ValueError(f"gap bits must be in 1..16, got {bits}")
+        raise NetslimError(f"gap bits must be in 1..16, got {bits}")
     positions = np.flatnonzero(values != zero_symbol)
     span = 1 << bits
     diffs = np.diff(positions, prepend=-1) - 1  # zeros skipped before each non-zero
@@ -48,20 +50,20 @@ def gap_positions(gaps: np.ndarray, is_filler: np.ndarray, bits: int, numel: int
     """Flat positions (in traversal order) of the entries that are not fillers."""
     span = 1 << bits
     if gaps.size and (gaps.min() < 0 or gaps.max() >= span):
-        raise ValueError(f"gap out of range for {bits}-bit gaps")
+        raise NetslimError(f"gap out of range for {bits}-bit gaps")
     if np.any(is_filler & (gaps != span - 1)):
-        raise ValueError("a filler entry with a short gap")
+        raise NetslimError("a filler entry with a short gap")
     steps = np.where(is_filler, span, gaps + 1)
     positions = (np.cumsum(steps) - 1)[~is_filler]
     if positions.size and positions[-1] >= numel:
-        raise ValueError(f"sparse positions run past the tensor's {numel} elements")
+        raise NetslimError(f"sparse positions run past the tensor's {numel} elements")
     return positions
 
 
 def decode_gaps(gaps: np.ndarray, symbols: np.ndarray, bits: int, numel: int, zero_symbol: int) -> np.ndarray:
     """Inverse of :func:`encode_gaps`: the full 1-D symbol array of length ``numel``."""
     if gaps.shape != symbols.shape:
-        raise ValueError("gap and value streams differ in length")
+        raise NetslimError("gap and value streams differ in length")
     is_filler = symbols == zero_symbol
     positions = gap_positions(gaps, is_filler, bits, numel)
     out = np.full(numel, zero_symbol, dtype=np.int64)

@@ -30,10 +30,6 @@ def svd_cost(m: int, n: int, k: int) -> Cost:
     return Cost(k * (m + n), k * (m + n))
 
 
-def svd_break_even(m: int, n: int) -> float:
-    return m * n / (m + n)
-
-
 def conv_cost(c: int, n: int, kh: int, kw: int, out_hw: tuple[int, int]) -> Cost:
     params = c * n * kh * kw
     return Cost(params, params * out_hw[0] * out_hw[1])

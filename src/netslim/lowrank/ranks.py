@@ -13,11 +13,13 @@ import math
 import numpy as np
 import torch
 
+from ..errors import NetslimError
+
 
 def rank_for_energy(singular_values: torch.Tensor, energy: float) -> int:
     """Smallest rank keeping ``energy`` of the sum of squared singular values."""
     if not 0 < energy <= 1:
-        raise ValueError(f"energy must be in (0, 1], got {energy}")
+        raise NetslimError(f"energy must be in (0, 1], got {energy}")
     sq = singular_values.double() ** 2
     cumulative = torch.cumsum(sq, 0) / sq.sum()
     return int(torch.searchsorted(cumulative, torch.tensor(energy, dtype=torch.float64) - 1e-12).item()) + 1

@@ -7,7 +7,7 @@ from torch import nn
 
 from ..errors import NetslimError
 from ..layers import select_layers, unknown_layer
-from ..targets import SCOPES, bisect, check_scope
+from ..targets import bisect, check_scope
 from .masks import apply_masks_
 
 PRUNABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)

@@ -10,6 +10,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from ..errors import NetslimError
+
 
 class MaskParametrization(nn.Module):
     """``weight -> weight * mask`` with the mask a (non-trainable) buffer saved in the state_dict."""
@@ -37,7 +39,7 @@ def apply_masks_(model: nn.Module, masks: dict[str, torch.Tensor]) -> nn.Module:
     for name, mask in masks.items():
         module = model.get_submodule(name)
         if tuple(mask.shape) != tuple(module.weight.shape):
-            raise ValueError(f"mask for {name} has shape {tuple(mask.shape)}, weight {tuple(module.weight.shape)}")
+            raise NetslimError(f"mask for {name} has shape {tuple(mask.shape)}, weight {tuple(module.weight.shape)}")
         existing = _mask_of(module)
         if existing is not None:
             existing.mask.copy_(mask)

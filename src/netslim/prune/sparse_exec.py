@@ -37,18 +37,6 @@ class SparseLinear(nn.Module):
         return out.reshape(*shape[:-1], self.out_features)
 
 
-def sparsify_linear_(model: nn.Module, min_sparsity: float = 0.5) -> list[str]:
-    """Swap every ``nn.Linear`` at least ``min_sparsity`` sparse for a :class:`SparseLinear`."""
-    bake_parametrizations_(model)
-    swapped = []
-    for name, module in list(model.named_modules()):
-        for child_name, child in list(module.named_children()):
-            if isinstance(child, nn.Linear) and float((child.weight == 0).float().mean()) >= min_sparsity:
-                setattr(module, child_name, SparseLinear(child))
-                swapped.append(f"{name}.{child_name}" if name else child_name)
-    return swapped
-
-
 def _median_ms(fn, x: torch.Tensor, warmup: int, repeats: int) -> float:
     with torch.inference_mode():
         for _ in range(warmup):

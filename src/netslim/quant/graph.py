@@ -26,7 +26,6 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
 from ..layers import covers
-from .modules import ActQuant
 
 log = logging.getLogger("netslim.quant")
 
@@ -88,7 +87,7 @@ def _is_activation(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     return node.op == "call_method" and node.target in ("relu", "relu_")
 
 
-def _is_passthrough(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+def is_passthrough(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     if node.op == "call_module":
         return isinstance(modules[node.target], PASSTHROUGH_MODULES)
     if node.op == "call_function":
@@ -112,7 +111,7 @@ def insert_activation_quantizers(gm: fx.GraphModule, example_input: torch.Tensor
     for node in list(gm.graph.nodes):
         if node.op in ("output", "get_attr") or not _is_float_tensor(node):
             continue
-        if node.op != "placeholder" and (_is_passthrough(node, modules) or _is_activation(node, modules)):
+        if node.op != "placeholder" and (is_passthrough(node, modules) or _is_activation(node, modules)):
             continue
         end = node
         while len(end.users) == 1 and _is_activation(next(iter(end.users)), modules):

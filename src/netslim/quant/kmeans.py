@@ -9,7 +9,6 @@ autograd's index backward, and any training loop fine-tunes it.
 """
 from __future__ import annotations
 
-import math
 
 import torch
 from torch import nn
@@ -154,7 +153,3 @@ def restore_shared_(model: nn.Module, conv_bits: int, fc_bits: int, exclude: tup
             module, "weight", SharedWeight(torch.zeros(k), torch.zeros_like(module.weight, dtype=torch.long)),
             unsafe=True)
     return model
-
-
-def shared_bits_per_weight(k: int) -> float:
-    return math.log2(k + 1)

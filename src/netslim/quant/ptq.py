@@ -326,11 +326,11 @@ def plan_mixed_precision(model: nn.Module, example_input: torch.Tensor, calib_da
 
 
 def _input_quantizer(node: fx.Node, modules: dict[str, nn.Module]) -> ActQuant | None:
-    from .graph import _is_passthrough
+    from .graph import is_passthrough
     while isinstance(node, fx.Node):
         if node.op == "call_module" and isinstance(modules[node.target], ActQuant):
             return modules[node.target]
-        if not _is_passthrough(node, modules) or not node.args:
+        if not is_passthrough(node, modules) or not node.args:
             return None
         node = node.args[0]
     return None

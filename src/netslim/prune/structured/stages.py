@@ -5,7 +5,7 @@ from dataclasses import dataclass, field, fields
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 
 from ...errors import NetslimError, unknown_choice
 from ...pipeline.stages import StageContext, stage
