@@ -28,14 +28,14 @@ def remove_groups_(model: nn.Module, graph: DependencyGraph, remove: set[int]) -
         old = getattr(module, pname)
         if idx.numel() == old.shape[dim]:
             continue
-        _set_tensor(module, pname, old.detach().index_select(dim, idx.to(old.device)).clone())
+        set_tensor(module, pname, old.detach().index_select(dim, idx.to(old.device)).clone())
         touched.add(mname)
     for mname in touched:
         sync_attributes(modules[mname], graph.conv_rules.get(mname))
     return model
 
 
-def _set_tensor(module: nn.Module, name: str, value: torch.Tensor) -> None:
+def set_tensor(module: nn.Module, name: str, value: torch.Tensor) -> None:
     if name in module._parameters:
         old = module._parameters[name]
         module._parameters[name] = nn.Parameter(value, requires_grad=old.requires_grad)

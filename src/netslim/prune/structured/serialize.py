@@ -15,7 +15,7 @@ from torch import nn
 
 from ...errors import NetslimError
 from ...io import save_torch
-from .apply import _set_tensor, sync_attributes
+from .apply import set_tensor, sync_attributes
 
 FORMAT = "netslim-pruned-v1"
 
@@ -44,7 +44,7 @@ def apply_structure_(model: nn.Module, structure: dict) -> nn.Module:
             raise NetslimError(f"bad shape for {key}: {shape!r} (original {list(old.shape)}; a layer can only shrink)")
         if list(old.shape) != shape:
             mname, _, pname = key.rpartition(".")
-            _set_tensor(modules[mname], pname, torch.empty(shape, dtype=old.dtype, device=old.device))
+            set_tensor(modules[mname], pname, torch.empty(shape, dtype=old.dtype, device=old.device))
             touched.add(mname)
     for mname, groups in structure.get("groups", {}).items():
         module = modules.get(mname)
