@@ -131,7 +131,7 @@ def test_every_shipped_recipe_parses():
         recipe = load_recipe(path)
         assert recipe.stages, path
     demo = parse_recipe(yaml.safe_load(demo_recipe_text()))
-    assert [s.name for s in demo.stages][-1] == "encode"
+    assert [s.name for s in demo.stages][-1] == "export"
 
 
 def test_test_limit_takes_a_class_balanced_random_subset(shared):

@@ -149,7 +149,9 @@ def cmd_demo(args) -> int:
     metrics = run_demo(out, restart=args.restart, progress=not args.no_progress)
     print("\nstages:\n" + stage_table(metrics))
     print("\nsix ratios, final model vs. original:\n" + ratio_table(metrics[0], metrics[-1]))
-    print(f"\nrun directory: {out} (report.md, metrics.json)")
+    onnx = out / "model.onnx"
+    print(f"\nrun directory: {out} (report.md, metrics.json" + (f", {onnx.name}: the deployable file)" if onnx.is_file()
+                                                               else ")"))
     return 0
 
 
