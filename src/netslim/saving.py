@@ -639,11 +639,11 @@ def _save_nsq(model: nn.Module, path: Path, arch: str | None, num_classes: int |
     if any(parametrize.is_parametrized(m) for m in record["float_model"].modules()):
         raise NetslimError(f"cannot save {path}: the model was quantized with masks or shared weights still "
                            "parametrized; bake them in first (netslim.surgery.bake_parametrizations_), then quantize")
-    from .quant.pack import _weight_quantizers
+    from .quant.modules import weight_quantizers
 
     # the QuantConfig fields (a subclass's own are left out), with every layer's actual weight bit width
     fields = {f.name: record["config"][f.name] for f in dataclasses.fields(QuantConfig) if f.name in record["config"]}
-    fields["layer_bits"] = {name: q.spec.bits for name, q in _weight_quantizers(model).items()}
+    fields["layer_bits"] = {name: q.spec.bits for name, q in weight_quantizers(model).items()}
     if "target" in fields:
         fields["target"] = None  # what a size target chose is in layer_bits
     config = QuantConfig(**fields)

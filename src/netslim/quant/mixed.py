@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import NetslimError
-from .modules import WeightQuant
+from .modules import WeightQuant, weight_quantizers
 from .qspec import QuantSpec, qparams
 
 
@@ -36,14 +36,8 @@ class BitPlan:
         return "\n".join(lines)
 
 
-def _weight_quantizers(model: nn.Module) -> dict[str, tuple[nn.Module, WeightQuant]]:
-    out = {}
-    for name, m in model.named_modules():
-        if hasattr(m, "parametrizations") and "weight" in m.parametrizations:
-            q = m.parametrizations.weight[0]
-            if isinstance(q, WeightQuant):
-                out[name] = (m, q)
-    return out
+def _layers_and_quantizers(model: nn.Module) -> dict[str, tuple[nn.Module, WeightQuant]]:
+    return {name: (model.get_submodule(name), q) for name, q in weight_quantizers(model).items()}
 
 
 def _requantize(layer: nn.Module, quantizer: WeightQuant, bits: int) -> None:
@@ -75,7 +69,7 @@ def layer_sensitivity(model: nn.Module, images: list[torch.Tensor], widths: tupl
     to each width in turn (activations as configured; the other weights float)."""
     from .ptq import set_mode
 
-    quantizers = _weight_quantizers(model)
+    quantizers = _layers_and_quantizers(model)
     set_mode(model, "quantize")
     saved = {n: (q.spec, q.scale.detach().clone(), q.zero_point.clone()) for n, (_, q) in quantizers.items()}
     for _, q in quantizers.values():
@@ -100,7 +94,7 @@ def layer_sensitivity(model: nn.Module, images: list[torch.Tensor], widths: tupl
 def plan_bits(model: nn.Module, sensitivity: dict[str, dict[int, float]], budget_bytes: int) -> BitPlan:
     """Greedy: from the widest candidate everywhere, repeatedly take the step down (to the next narrower
     width of one layer) with the least added KL per byte saved, until the weights fit ``budget_bytes``."""
-    sizes = {n: layer.parametrizations.weight.original.numel() for n, (layer, _) in _weight_quantizers(model).items()}
+    sizes = {n: layer.parametrizations.weight.original.numel() for n, (layer, _) in _layers_and_quantizers(model).items()}
     widths = {n: sorted(s) for n, s in sensitivity.items()}
     bits = {n: w[-1] for n, w in widths.items()}
 

@@ -130,6 +130,12 @@ class ActQuant(nn.Module):
         return f"bits={self.spec.bits}, {kind}, calibrator={self.calibrator}, mode={self.mode}"
 
 
+def weight_quantizers(model: nn.Module) -> dict[str, WeightQuant]:
+    """The :class:`WeightQuant` of every layer whose weight is fake-quantized, by layer name."""
+    return {name[: -len(".parametrizations.weight.0")]: m for name, m in model.named_modules()
+            if isinstance(m, WeightQuant)}
+
+
 def _lsq_grad_scale(scale: Tensor, numel: float, qmax: int) -> Tensor:
     """Scale the gradient reaching a learned step by 1/sqrt(N * Qp) (LSQ §2.2) without changing its value."""
     if not scale.requires_grad:

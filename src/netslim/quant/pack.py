@@ -29,7 +29,7 @@ from torch import nn
 
 from ..errors import NetslimError
 from ..io import atomic_write
-from .modules import WeightQuant
+from .modules import weight_quantizers
 from .qspec import QuantSpec, dequantize, quantize_to_int
 
 MAGIC = b"NSQ1"
@@ -59,15 +59,10 @@ def packed_bytes(count: int, bits: int) -> int:
     return count if bits == 8 else (count * bits + 7) // 8
 
 
-def _weight_quantizers(model: nn.Module) -> dict[str, WeightQuant]:
-    return {name[: -len(".parametrizations.weight.0")]: m for name, m in model.named_modules()
-            if isinstance(m, WeightQuant)}
-
-
 def save_quantized(model: nn.Module, path: str | Path, meta: dict | None = None) -> Path:
     """Write the quantized ``model``'s state: quantized weights as packed integers, the rest raw; ``meta``
     (plain JSON data) goes into the header as ``model``."""
-    quantizers = _weight_quantizers(model)
+    quantizers = weight_quantizers(model)
     skip = {f"{n}.parametrizations.weight.original" for n in quantizers}
     skip |= {f"{n}.parametrizations.weight.0.zero_point" for n, q in quantizers.items() if q.spec.symmetric}
     entries, blobs, offset = [], [], 0
