@@ -112,7 +112,7 @@ def main() -> None:
             runs = {}
             for crit in ("l1", "fpgm", "taylor", "random", "slimming"):
                 t0 = time.time()
-                runs[(crit, "netslim")] = (structured(base, X, criterion=crit, target=goal, data=taylor_data), time.time() - t0)
+                runs[(crit, "netslim")] = (structured(base, X, criterion=crit, target=goal, calib_data=taylor_data), time.time() - t0)
             t0 = time.time()
             runs[("reconstruction (He 2017)", "netslim")] = (reconstruct_prune(base, X, images, target=goal), time.time() - t0)
             t0 = time.time()

@@ -92,14 +92,14 @@ def target_or_reduction(target: str | Mapping | Target | None, reduction: float 
     if reduction is None:
         return parse_target(target, metrics, what)
     if target is not None and not (isinstance(target, str) and ":" not in target):
-        raise NetslimError(f"give either {what}='macs:2' or the deprecated reduction=2 with {what}='macs', not both")
+        raise NetslimError("give either target='macs:2' or the deprecated reduction=2 with target='macs', not both")
     metric = target or "macs"
-    warnings.warn(f"reduction={reduction!r} with {what}={metric!r} is deprecated; write {what}='{metric}:{reduction:g}'",
-                  DeprecationWarning, stacklevel=3)
     try:
         factor = float(reduction)
     except (TypeError, ValueError):
         raise NetslimError(f"reduction must be a number > 1, got {reduction!r}") from None
+    warnings.warn(f"{what}: reduction={reduction!r} with target={metric!r} is deprecated; write "
+                  f"target='{metric}:{factor:g}'", DeprecationWarning, stacklevel=3)
     return parse_target({metric: factor}, metrics, what)
 
 

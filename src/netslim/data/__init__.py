@@ -142,5 +142,27 @@ def loader(dataset: Dataset, batch_size: int = 128, shuffle: bool = False, worke
                       num_workers=workers, drop_last=drop_last, persistent_workers=workers > 0)
 
 
-__all__ = ["get", "info", "loader", "DATASETS", "DatasetInfo", "ImageTensorDataset", "CIFAR10_CLASSES",
+def image_batch(data, count: int, seed: int = 0) -> torch.Tensor:
+    """``count`` input images as one tensor, from what a ``calib_data`` argument may be: a tensor (its
+    first ``count``), a Dataset of ``(input, target)`` (``count`` drawn with a permutation seeded by
+    ``seed``) or an iterable of batches such as a DataLoader (its first ``count`` images)."""
+    if isinstance(data, torch.Tensor):
+        return data[:count]
+    if isinstance(data, Dataset) and hasattr(data, "__len__"):
+        picked = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:count].tolist()
+        items = [data[i] for i in picked]
+        return torch.stack([x[0] if isinstance(x, (tuple, list)) else x for x in items])
+    got, seen = [], 0
+    for batch in data:
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        got.append(x[: count - seen])
+        seen += len(got[-1])
+        if seen >= count:
+            break
+    if not got:
+        raise NetslimError("the calibration data gave no images")
+    return torch.cat(got)
+
+
+__all__ = ["get", "info", "loader", "image_batch", "DATASETS", "DatasetInfo", "ImageTensorDataset", "CIFAR10_CLASSES",
            "search_roots", "load_raw", "canonical_name"]

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, Sampler
 
+from ..deprecation import renamed_argument
 from ..errors import NetslimError, unknown_choice
 from ..io import load_checkpoint, save_torch
 from ..train import TrainConfig, TrainHook, default_device, fit, is_distributed, rank, seed_everything
@@ -505,9 +506,14 @@ def distill(student: nn.Module, teacher: nn.Module, train_data: Dataset | DataLo
 
 
 @torch.no_grad()
-def agreement(student: nn.Module, teacher: nn.Module, data: Dataset | DataLoader,
-              device: str | torch.device | None = None, batch_size: int = 256) -> float:
-    """Fraction of ``data``'s samples on which ``student`` and ``teacher`` predict the same class (top-1)."""
+def agreement(student: nn.Module, teacher: nn.Module, eval_data: Dataset | DataLoader | None = None,
+              device: str | torch.device | None = None, batch_size: int = 256, *,
+              data: Dataset | DataLoader | None = None) -> float:
+    """Fraction of ``eval_data``'s samples on which ``student`` and ``teacher`` predict the same class (top-1)
+    (``data=``: the deprecated name of ``eval_data``)."""
+    data = renamed_argument(eval_data, data, "data", "eval_data", "agreement")
+    if data is None:
+        raise NetslimError("agreement needs eval_data")
     device = torch.device(device) if device is not None else default_device()
     loader = data if isinstance(data, DataLoader) else DataLoader(data, batch_size=batch_size)
     modes = student.training, teacher.training

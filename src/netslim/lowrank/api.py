@@ -8,8 +8,9 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Dataset, Subset
 
+from ..data import image_batch
 from ..errors import NetslimError, unknown_choice
 from ..targets import Target, target_or_reduction
 from ..train import default_device
@@ -94,26 +95,6 @@ def fixed_subset(data: Dataset, count: int, seed: int) -> Dataset:
     return Subset(data, picked)
 
 
-def first_images(data: Any, count: int, seed: int = 2) -> torch.Tensor:
-    """A batch of ``count`` input images: the first ``count`` of a tensor, a seeded random draw from a
-    Dataset of ``(input, target)``, or the first batches of a DataLoader."""
-    if isinstance(data, torch.Tensor):
-        return data[:count]
-    if isinstance(data, Dataset) and not isinstance(data, DataLoader) and hasattr(data, "__len__"):
-        picked = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:count].tolist()
-        return torch.stack([data[i][0] for i in picked])
-    got, seen = [], 0
-    for batch in data:
-        x = batch[0] if isinstance(batch, (tuple, list)) else batch
-        got.append(x)
-        seen += len(x)
-        if seen >= count:
-            break
-    if not got:
-        raise NetslimError("calib_data gave no images")
-    return torch.cat(got)[:count]
-
-
 def _device_of(model: nn.Module) -> torch.device | None:
     param = next(model.parameters(), None)
     return None if param is None else param.device
@@ -152,7 +133,7 @@ def decompose(model: nn.Module, example_input: torch.Tensor, config: DecomposeCo
     if cfg.refit_images:
         if calib_data is None:
             raise NetslimError(f"refit_images: {cfg.refit_images} needs calib_data (images to refit on)")
-        images = first_images(calib_data, cfg.refit_images).to(device)
+        images = image_batch(calib_data, cfg.refit_images, seed=2).to(device)
         errors = refit_(work, reference.to(device), images,
                         [n for n, p in report.layers.items() if p.skipped is None], progress=progress)
         details["refit_relative_error"] = {n: {"before": b, "after": a} for n, (b, a) in errors.items()}

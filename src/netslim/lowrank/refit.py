@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from ..data import image_batch
+from ..deprecation import renamed_argument
 from ..errors import NetslimError
 
 log = logging.getLogger("netslim.lowrank")
@@ -103,14 +105,23 @@ def least_squares(a: torch.Tensor, y: torch.Tensor, ridge: float = 1e-4) -> torc
     return torch.linalg.solve(gram, a.T @ y).T
 
 
-def refit_(model: nn.Module, original: nn.Module, images: torch.Tensor, layers: list[str] | tuple[str, ...],
-           positions: int = 16, ridge: float = 1e-4, seed: int = 0, progress: bool = False) -> dict[str, tuple[float, float]]:
+def refit_(model: nn.Module, original: nn.Module, calib_data=None, layers: list[str] | tuple[str, ...] = (),
+           positions: int = 16, ridge: float = 1e-4, seed: int = 0, progress: bool = False, *,
+           calib_images: int = 256, images: torch.Tensor | None = None) -> dict[str, tuple[float, float]]:
     """Refit the last factor of each decomposed layer in ``layers`` (names of ``nn.Sequential`` replacements
-    in ``model``, in forward order) to the original layer's outputs on ``images``.
+    in ``model``, in forward order) to the original layer's outputs on
+    ``calib_data`` (a tensor of images, or ``calib_images`` of a Dataset / DataLoader, see
+    :func:`netslim.data.image_batch`). ``images=`` is the deprecated name of ``calib_data``.
 
     Returns ``{layer: (relative output error before, after)}`` measured on the sampled positions.
     """
+    calib_data = renamed_argument(calib_data, images, "images", "calib_data", "refit_")
+    if calib_data is None:
+        raise NetslimError("refit_ needs calib_data: images to refit on")
+    images = image_batch(calib_data, calib_images) if not isinstance(calib_data, torch.Tensor) else calib_data
     modules = dict(model.named_modules())
+    if not layers:
+        raise NetslimError("refit_ needs layers: the names of the decomposed layers to refit")
     for name in layers:
         if not _is_decomposed(modules.get(name)):
             raise NetslimError(f"{name!r} is not a decomposed layer of the model; decomposed: "

@@ -15,6 +15,8 @@ from torch import nn
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
+from ..deprecation import renamed_argument
+from ..errors import NetslimError
 from ..io import atomic_write
 from ..train import evaluate
 from .magnitude import prunable_layers
@@ -37,10 +39,15 @@ class SensitivityTable:
         return "\n".join(lines)
 
 
-def sensitivity_analysis(model: nn.Module, data: Dataset, grid: tuple[float, ...] = DEFAULT_GRID,
-                         exclude: tuple[str, ...] = (), device: str | torch.device = "cpu",
-                         progress: bool = True) -> SensitivityTable:
-    """Accuracy of ``model`` on ``data`` with each layer alone pruned to each sparsity of ``grid``."""
+def sensitivity_analysis(model: nn.Module, eval_data: Dataset | None = None, grid: tuple[float, ...] = DEFAULT_GRID,
+                         exclude: tuple[str, ...] = (), device: str | torch.device | None = None,
+                         progress: bool = True, *, data: Dataset | None = None) -> SensitivityTable:
+    """Accuracy of ``model`` on ``eval_data`` (held-out labelled data) with each layer alone pruned to each
+    sparsity of ``grid``; ``device`` defaults to :func:`netslim.train.default_device` (``data=``: the
+    deprecated name of ``eval_data``)."""
+    data = renamed_argument(eval_data, data, "data", "eval_data", "sensitivity_analysis")
+    if data is None:
+        raise NetslimError("sensitivity_analysis needs eval_data: held-out labelled data")
     layers = prunable_layers(model, exclude)
     accuracy: dict[str, list[float]] = {}
     sizes = {n: m.weight.numel() for n, m in layers.items()}

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
+from ..train import default_device
 from .adaround import adaround_weight
 from .equalize import bias_correction_, expected_relu_output
 from .graph import QUANT_LAYERS
@@ -37,6 +38,7 @@ def _ensure_bias(layer: nn.Module) -> Tensor:
 
 
 def _images(batches: Iterable, limit: int | None, device) -> Iterable[Tensor]:
+    device = torch.device(device) if device is not None else default_device()
     for i, batch in enumerate(batches):
         if limit is not None and i >= limit:
             break
@@ -52,15 +54,16 @@ def _weight_error_output(layer: nn.Module, x: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def empirical_bias_correction_(model: nn.Module, batches: Iterable, limit: int | None = None,
-                               device="cpu") -> None:
+def empirical_bias_correction_(model: nn.Module, calib_data: Iterable, limit: int | None = None,
+                               device: str | torch.device | None = None) -> nn.Module:
     """Empirical bias correction (Nagel et al. 2019 §4.2 with E[x] measured): subtract from each layer's
     bias the per-channel mean of ``(W_q - W) x`` over the calibration images, ``x`` being the layer's
     input in the quantized model. Each layer removes only the shift its own weights cause; correcting
     every layer by its whole output shift at once would count an upstream layer's shift again in every
-    layer after it (and diverge when repeated)."""
+    layer after it (and diverge when repeated). ``device``: where the images go (default
+    :func:`netslim.train.default_device`). Returns ``model``."""
     layers = quantized_layers(model)
-    images = list(_images(batches, limit, device))
+    images = list(_images(calib_data, limit, device))
     sums, counts, hooks = {}, {}, []
 
     def hook(name):
@@ -84,6 +87,7 @@ def empirical_bias_correction_(model: nn.Module, batches: Iterable, limit: int |
     for name, layer in layers.items():
         if name in sums:
             _ensure_bias(layer).sub_((sums[name] / counts[name]).float())
+    return model
 
 
 @torch.no_grad()
@@ -171,12 +175,13 @@ def _float_copy(layer: nn.Module) -> nn.Module:
     return plain.to(weight.device)
 
 
-def adaround_model_(model: nn.Module, batches: Iterable, samples: int = 256, iters: int = 1000,
-                    device="cpu", progress: bool = False) -> None:
+def adaround_model_(model: nn.Module, calib_data: Iterable, samples: int = 256, iters: int = 1000,
+                    device: str | torch.device | None = None, progress: bool = False) -> nn.Module:
     """AdaRound every quantized layer in order: inputs from the quantized model (earlier layers already
-    rounded), targets from the float model, the rounding of the layer's weights learned to match them."""
+    rounded), targets from the float model, the rounding of the layer's weights learned to match them.
+    Returns ``model``."""
     images, total = [], 0
-    for x in _images(batches, None, device):
+    for x in _images(calib_data, None, device):
         images.append(x[: samples - total])
         total += len(images[-1])
         if total >= samples:
@@ -193,3 +198,4 @@ def adaround_model_(model: nn.Module, batches: Iterable, samples: int = 256, ite
                                   quantizer.zero_point, quantizer.spec, iters=iters, activation=act)
         layer.parametrizations.weight.original.data.copy_(rounded)
     _mode(model, "quantize")
+    return model

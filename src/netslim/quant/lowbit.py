@@ -104,13 +104,14 @@ def lowbit_weights_(model: nn.Module, method: str, exclude: tuple[str, ...] = ()
     return names
 
 
-def bake_lowbit_(model: nn.Module) -> None:
+def bake_lowbit_(model: nn.Module) -> nn.Module:
     """Replace every binary / ternary parametrized weight by its low-bit value (a plain parameter).
     Other parametrizations of the same weight (e.g. a pruning mask before it) are baked with it."""
     for module in model.modules():
         if parametrize.is_parametrized(module, "weight") and any(
                 isinstance(p, (BinaryWeight, TernaryWeight)) for p in module.parametrizations.weight):
             parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+    return model
 
 
 def inq_exponents(weight: Tensor, bits: int) -> tuple[int, int]:

@@ -337,12 +337,11 @@ def _input_quantizer(node: fx.Node, modules: dict[str, nn.Module]) -> ActQuant |
 
 
 @torch.no_grad()
-def align_biases_(model: nn.Module) -> int:
+def align_biases_(model: nn.Module) -> nn.Module:
     """Round each quantized layer's bias to the int32 grid ``s_input * s_weight`` an integer kernel uses
-    (Jacob et al. 2018 §2.4), so that simulation and integer execution add the same bias. Returns the
-    number of biases aligned."""
+    (Jacob et al. 2018 §2.4), so that simulation and integer execution add the same bias. Returns ``model``."""
     if not isinstance(model, fx.GraphModule):
-        return 0
+        return model
     modules = dict(model.named_modules())
     aligned = 0
     for node in model.graph.nodes:
@@ -357,4 +356,5 @@ def align_biases_(model: nn.Module) -> int:
         codes = torch.round(layer.bias / grid).clamp(-(2 ** 31), 2 ** 31 - 1)  # int32, as the kernel stores it
         layer.bias.copy_(codes * grid)
         aligned += 1
-    return aligned
+    log.debug("aligned %d biases to the int32 grid", aligned)
+    return model

@@ -7,6 +7,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from ...deprecation import renamed_argument
 from ...errors import NetslimError, unknown_choice
 from ...layers import check_layer_names, covers
 from ...outputs import shape_mismatch
@@ -60,16 +61,19 @@ def ratio_for_target(model, example_input, graph, lgs, scores, target: Target, s
 
 def structured(model: nn.Module, example_input: torch.Tensor, ratio: float = 0.5, criterion: str = "l1", *,
                scope: str = "uniform", target: str | dict | None = None, round_to: int = 1,
-               exclude: Iterable[str] = (), data=None, min_keep: float = 0.1, seed: int = 0,
-               inplace: bool = False, graph: DependencyGraph | None = None) -> nn.Module:
+               exclude: Iterable[str] = (), calib_data=None, min_keep: float = 0.1, seed: int = 0,
+               inplace: bool = False, graph: DependencyGraph | None = None, calib_batches: int = 8,
+               data=None) -> nn.Module:
     """Remove whole channels from ``model`` and return a physically smaller, dense model.
 
     ``ratio``: fraction of each layer's channels to remove (``scope="uniform"``), or of all
     channels ranked together (``scope="global"``, keeping at least ``min_keep`` of each layer).
     ``target``: instead of a ratio, a reduction such as ``"macs:2"``, ``"params:3"`` or
     ``"latency:1.5"`` (measured at ``example_input``'s batch size) reached by bisection.
-    ``criterion``: one of :data:`CRITERIA` (``taylor`` needs ``data``). ``round_to``: kept channel
-    counts become multiples of it. ``exclude``: layers whose output channels stay (their inputs may shrink).
+    ``criterion``: one of :data:`CRITERIA` (``taylor`` needs ``calib_data``, batches of (inputs, targets),
+    of which it reads ``calib_batches``; ``data=`` is its deprecated name). ``round_to``: kept channel
+    counts become multiples of it. ``exclude``: layers whose output channels stay (their inputs may shrink;
+    a name covers its submodules). ``inplace``: prune ``model`` itself instead of a copy.
     The output is unchanged in structure and shape - every tensor of a tuple, list or dict output (a
     segmentation model's ``{"out", "aux"}``) is checked; channels that cannot be removed safely are kept
     with a warning.
@@ -77,6 +81,7 @@ def structured(model: nn.Module, example_input: torch.Tensor, ratio: float = 0.5
     if criterion not in CRITERIA:
         raise unknown_choice("criterion", criterion, CRITERIA)
     scope = check_scope(scope)
+    calib_data = renamed_argument(calib_data, data, "data", "calib_data", "structured")
     parsed = parse_target(target, TARGET_METRICS, "target")
     work = model if inplace else safe_deepcopy(model)
     bake_parametrizations_(work)
@@ -84,7 +89,7 @@ def structured(model: nn.Module, example_input: torch.Tensor, ratio: float = 0.5
     _fix_excluded(work, graph, exclude)
     _warn_unprunable(graph)
     lgs: list[LayerGroup] = layer_groups(graph)
-    scores = group_scores(criterion, work, graph, data=data, seed=seed,
+    scores = group_scores(criterion, work, graph, calib_data=calib_data, calib_batches=calib_batches, seed=seed,
                           device=next(work.parameters()).device)
     if parsed is None:
         remove = select(lgs, scores, ratio, scope, round_to, min_keep)

@@ -131,17 +131,18 @@ def contribution_scores(model: nn.Module, graph: DependencyGraph, **_) -> Scores
 
 
 @criterion("taylor")
-def taylor_scores(model: nn.Module, graph: DependencyGraph, data: Iterable | None = None, batches: int = 8,
-                  device: str | torch.device = "cpu", **_) -> Scores:
-    if data is None:
-        raise NetslimError("criterion 'taylor' needs data: pass data=<a DataLoader of (inputs, targets)>")
+def taylor_scores(model: nn.Module, graph: DependencyGraph, calib_data: Iterable | None = None,
+                  calib_batches: int = 8, device: str | torch.device | None = None, **_) -> Scores:
+    if calib_data is None:
+        raise NetslimError("criterion 'taylor' needs data: pass calib_data=<a DataLoader of (inputs, targets)>")
+    device = torch.device(device) if device is not None else next(model.parameters()).device
     modules = dict(model.named_modules())
     totals: dict[int, float] = defaultdict(float)
     was_training = model.training
     model.to(device).eval()
     seen = 0
-    for inputs, targets in data:
-        if seen >= batches:
+    for inputs, targets in calib_data:
+        if seen >= calib_batches:
             break
         model.zero_grad(set_to_none=True)
         logits = flatten_outputs(model(inputs.to(device)))[0]  # a segmentation model's "out": per-pixel classes

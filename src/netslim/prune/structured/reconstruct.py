@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...data import image_batch
+from ...deprecation import renamed_argument
 from ...errors import NetslimError
 from ...surgery import bake_parametrizations_, safe_deepcopy
 from ...targets import Target, bisect, measure, parse_target
@@ -126,13 +128,21 @@ def _reconstruct_layer(model, original, graph, lg, consumer, images, keep, posit
     return dropped
 
 
-def reconstruct_prune(model: nn.Module, example_input: torch.Tensor, images: torch.Tensor, ratio: float = 0.5,
-                      target: str | dict | None = None, positions: int = 10, seed: int = 0) -> nn.Module:
-    """Prune the channels read by single layers with LASSO selection and least-squares refit (He 2017).
+def reconstruct_prune(model: nn.Module, example_input: torch.Tensor, calib_data=None, ratio: float = 0.5,
+                      target: str | dict | None = None, positions: int = 10, seed: int = 0, *,
+                      calib_images: int = 256, images: torch.Tensor | None = None) -> nn.Module:
+    """Prune the channels read by single layers with LASSO selection and least-squares refit (He 2017);
+    returns a new model.
 
-    ``images``: a batch of a few hundred training images (no labels needed). ``target`` (e.g.
+    ``calib_data``: a batch of a few hundred training images (no labels needed), or a Dataset / DataLoader
+    to take ``calib_images`` of (:func:`netslim.data.image_batch`, seeded by ``seed``). ``target`` (e.g.
     ``"macs:2"``) picks the ratio of the reconstructable layers by bisection on the formula MACs.
+    ``images=`` is the deprecated name of ``calib_data``.
     """
+    calib_data = renamed_argument(calib_data, images, "images", "calib_data", "reconstruct_prune")
+    if calib_data is None:
+        raise NetslimError("reconstruct_prune needs calib_data: a few hundred images")
+    images = calib_data if isinstance(calib_data, torch.Tensor) else image_batch(calib_data, calib_images, seed)
     work = bake_parametrizations_(safe_deepcopy(model)).eval()
     original = safe_deepcopy(work)
     graph = trace(work, example_input)

@@ -19,8 +19,9 @@ from .graph import DependencyGraph, trace
 from .select import layer_groups, select
 
 
-def zero_groups_(model: nn.Module, graph: DependencyGraph, groups: set[int]) -> None:
-    """Zero the filters, biases and norm parameters of ``groups`` (consumers' input slices are left)."""
+def zero_groups_(model: nn.Module, graph: DependencyGraph, groups: set[int]) -> nn.Module:
+    """Zero the filters, biases and norm parameters of ``groups`` (consumers' input slices are left);
+    returns ``model``."""
     modules = dict(model.named_modules())
     with torch.no_grad():
         for s in graph.slices:
@@ -30,6 +31,7 @@ def zero_groups_(model: nn.Module, graph: DependencyGraph, groups: set[int]) -> 
             idx = [pos for pos, r in enumerate(graph.roots(s.labels).tolist()) if r in groups]
             if idx:
                 t.index_fill_(s.dim, torch.tensor(idx, device=t.device), 0.0)
+    return model
 
 
 class SoftFilterPruning(TrainHook):

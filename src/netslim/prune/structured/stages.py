@@ -1,6 +1,8 @@
 """The ``prune_channels`` recipe stage: structured pruning, one-shot, iterative, SFP or reconstruction."""
 from __future__ import annotations
 
+import inspect
+import warnings
 from dataclasses import dataclass, field, fields
 
 import torch
@@ -22,11 +24,15 @@ METHODS = ("oneshot", "iterative", "sfp", "reconstruct")
 
 @dataclass
 class ChannelPruneConfig:
-    """``ratio`` of channels to remove, or ``target`` such as ``"macs:2"`` (macs, params, latency).
-    ``method``: ``oneshot``; ``iterative`` (``steps`` rounds of prune + fine-tune with ``train``);
-    ``sfp`` (Soft Filter Pruning during ``train``); ``reconstruct`` (He 2017, no fine-tuning).
-    ``slimming_l1`` > 0 first trains with an L1 penalty on BatchNorm scales (Network Slimming) for
-    ``train``'s epochs. ``train``: the fields of the ``finetune`` stage, for the training these need."""
+    """The keyword arguments of :func:`netslim.prune.structured` under the same names (``ratio`` of
+    channels to remove, or ``target`` such as ``"macs:2"``: macs, params, size, latency; ``criterion``,
+    ``scope``, ``round_to``, ``min_keep``, ``exclude``, ``seed``, ``calib_batches`` of training data
+    for ``taylor``), and: ``method``: ``oneshot``; ``iterative`` (``steps`` rounds of prune + fine-tune
+    with ``train``); ``sfp`` (Soft Filter Pruning during ``train``); ``reconstruct`` (He 2017, no
+    fine-tuning, on ``calib_images`` training images). ``slimming_l1`` > 0 first trains with an L1
+    penalty on BatchNorm scales (Network Slimming) for ``train``'s epochs. ``train``: the fields of the
+    ``finetune`` stage, for the training these need. ``data_batches`` and ``calibration_images`` are the
+    deprecated names of ``calib_batches`` and ``calib_images``."""
 
     ratio: float = 0.5
     target: str | None = None
@@ -38,12 +44,19 @@ class ChannelPruneConfig:
     exclude: list[str] = field(default_factory=list)
     steps: int = 3
     slimming_l1: float = 0.0
-    data_batches: int = 8
-    calibration_images: int = 256
+    calib_batches: int = 8
+    calib_images: int = 256
     seed: int = 0
     train: dict = field(default_factory=dict)
+    data_batches: int | None = None
+    calibration_images: int | None = None
 
     def __post_init__(self) -> None:
+        for old, new in (("data_batches", "calib_batches"), ("calibration_images", "calib_images")):
+            if getattr(self, old) is not None:
+                warnings.warn(f"prune_channels: {old} is deprecated; write {new}", DeprecationWarning, stacklevel=3)
+                setattr(self, new, getattr(self, old))
+                setattr(self, old, None)
         if self.criterion not in CRITERIA:
             raise unknown_choice("criterion", self.criterion, CRITERIA)
         if self.method not in METHODS:
@@ -58,6 +71,11 @@ class ChannelPruneConfig:
             raise NetslimError(f"unknown key(s) {sorted(unknown)} in train; valid keys: {', '.join(sorted(valid))}")
         self.train_config = TrainConfig(**self.train)
 
+    def structured_options(self) -> dict:
+        """The fields that are keyword arguments of :func:`structured`, joined by name (no copied list)."""
+        params = inspect.signature(structured).parameters
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name in params}
+
 
 def _restore(model: nn.Module, cfg: ChannelPruneConfig, artifacts: dict | None = None) -> nn.Module:
     return apply_structure_(model, (artifacts or {})["structure"])
@@ -69,9 +87,9 @@ def _loader(ctx: StageContext, cfg: ChannelPruneConfig) -> DataLoader:
 
 
 def _prune(model, ctx, cfg, target, ratio):
-    return structured(model.cpu(), ctx.example_input, ratio, cfg.criterion, scope=cfg.scope, target=target,
-                      round_to=cfg.round_to, exclude=cfg.exclude, min_keep=cfg.min_keep, seed=cfg.seed,
-                      data=_loader(ctx, cfg) if cfg.criterion == "taylor" else None)
+    options = {**cfg.structured_options(), "ratio": ratio, "target": target}
+    return structured(model.cpu(), ctx.example_input, **options,
+                      calib_data=_loader(ctx, cfg) if cfg.criterion == "taylor" else None)
 
 
 def _iterative(ctx: StageContext, cfg: ChannelPruneConfig) -> nn.Module:
@@ -104,10 +122,8 @@ def prune_channels(ctx: StageContext, cfg: ChannelPruneConfig) -> nn.Module:
                                   cfg.scope, cfg.round_to, device=ctx.device, progress=ctx.progress,
                                   checkpoint_path=ctx.stage_dir / "sfp.ckpt")
     else:
-        train = ctx.data.train_plain
-        picks = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed))[:cfg.calibration_images]
-        images = torch.stack([train[i][0] for i in picks.tolist()])
-        model = reconstruct_prune(model.cpu(), ctx.example_input, images, cfg.ratio, cfg.target, seed=cfg.seed)
+        model = reconstruct_prune(model.cpu(), ctx.example_input.cpu(), ctx.data.train_plain, cfg.ratio, cfg.target,
+                                  seed=cfg.seed, calib_images=cfg.calib_images)
     ctx.artifacts["structure"] = structure_of(model)
     ctx.artifacts["notes"] = _channel_table(ctx.original, model)
     return model
