@@ -252,6 +252,7 @@ def test_old_keyword_names_still_work_with_a_warning():
     deprecated(agreement, tiny(), tiny(), data=data, device="cpu")
     with pytest.raises(NetslimError, match="not both"):
         quantize(tiny(), x, [x], QuantConfig(), device="cpu", calibration=[x])
+    assert deprecated(QuantConfig, calibration_batches=2, match="write calib_batches").calib_batches == 2
 
 
 def test_new_names_give_no_deprecation_warning():

@@ -50,7 +50,8 @@ class QuantConfig:
     widths instead (from :data:`MIXED_WIDTHS` up to ``weight_bits``, by measured sensitivity) so that the
     quantized layers' weights take N times fewer bytes than in float32 (``"size:8"``: 4 bits on average;
     biases, scales and float layers are not counted); ``exclude``: layers kept in float (a name covers
-    its submodules).
+    its submodules); ``calib_batches``: at most that many batches of the calibration data are read
+    (``calibration_batches``: its deprecated name).
     """
 
     weight_bits: int = 8
@@ -66,13 +67,18 @@ class QuantConfig:
     adaround: bool = False
     adaround_iters: int = 1000
     adaround_samples: int = 256
-    calibration_batches: int | None = None
+    calib_batches: int | None = None
     quantize_output: bool = True
     layer_bits: dict[str, int] = field(default_factory=dict)
     exclude: list[str] = field(default_factory=list)
     target: str | dict | None = None
+    calibration_batches: int | None = None
 
     def __post_init__(self) -> None:
+        if self.calibration_batches is not None:
+            warnings.warn("QuantConfig: calibration_batches is deprecated; write calib_batches",
+                          DeprecationWarning, stacklevel=3)
+            self.calib_batches, self.calibration_batches = self.calibration_batches, None
         QuantSpec(self.weight_bits)  # validates the range
         parse_target(self.target, ("size",), "quantize target")
         if self.act_bits:
@@ -283,14 +289,14 @@ def quantize(model: nn.Module, example_input: torch.Tensor, calib_data: Iterable
     qmodel.to(device)
     layers = quantize_weights_(qmodel, config)
     if config.act_bits:
-        calibrate_(qmodel, calib_data, config.calibration_batches, device)
+        calibrate_(qmodel, calib_data, config.calib_batches, device)
     set_mode(qmodel, "quantize")
     if config.bias_correction == "data_free":
         from .corrections import data_free_bias_correction_
         data_free_bias_correction_(qmodel, bn_stats)
     elif config.bias_correction == "empirical":
         from .corrections import empirical_bias_correction_
-        empirical_bias_correction_(qmodel, calib_data, config.calibration_batches, device)
+        empirical_bias_correction_(qmodel, calib_data, config.calib_batches, device)
     if config.adaround:
         from .corrections import adaround_model_
         adaround_model_(qmodel, calib_data, config.adaround_samples, config.adaround_iters, device)
