@@ -48,7 +48,7 @@ class DecomposeConfig:
     batchnorm: bool = False
     refit_images: int = 0
     latency_batch: int = 1
-    reduction: float | None = None
+    reduction: float | None = field(default=None, metadata={"deprecated": "target"})
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:

@@ -72,7 +72,7 @@ class QuantConfig:
     layer_bits: dict[str, int] = field(default_factory=dict)
     exclude: list[str] = field(default_factory=list)
     target: str | dict | None = None
-    calibration_batches: int | None = None
+    calibration_batches: int | None = field(default=None, metadata={"deprecated": "calib_batches"})
 
     def __post_init__(self) -> None:
         if self.calibration_batches is not None:

@@ -44,7 +44,7 @@ class QuantizeConfig(QuantConfig):
     inq_bits: int = 5
     train: dict = field(default_factory=dict)
     seed: int = 0
-    size_budget: float | None = None
+    size_budget: float | None = field(default=None, metadata={"deprecated": "target"})
 
     def __post_init__(self) -> None:
         if self.method not in QUANT_METHODS:

@@ -48,8 +48,8 @@ class ChannelPruneConfig:
     calib_images: int = 256
     seed: int = 0
     train: dict = field(default_factory=dict)
-    data_batches: int | None = None
-    calibration_images: int | None = None
+    data_batches: int | None = field(default=None, metadata={"deprecated": "calib_batches"})
+    calibration_images: int | None = field(default=None, metadata={"deprecated": "calib_images"})
 
     def __post_init__(self) -> None:
         for old, new in (("data_batches", "calib_batches"), ("calibration_images", "calib_images")):
