@@ -54,7 +54,7 @@ class StageDef:
 _STAGES: dict[str, StageDef] = {}
 TECHNIQUE_STAGE_MODULES = ("netslim.prune.stages", "netslim.quant.stages", "netslim.encode.stages",
                            "netslim.lowrank.stages", "netslim.distill.stages",
-                           "netslim.prune.structured.stages")
+                           "netslim.prune.structured.stages", "netslim.compact.stages")
 
 
 def stage(name: str, config: type, restore: Callable[[nn.Module, Any, dict], nn.Module] | None = None):
