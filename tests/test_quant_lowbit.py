@@ -9,7 +9,7 @@ from torch.utils.data import TensorDataset
 
 from netslim.errors import NetslimError
 from netslim.quant.lowbit import (INQ, BinaryWeight, TernaryWeight, bake_lowbit_, inq_exponents, inq_train,
-                                  lowbit_weights_)
+                                  lowbit_layer_names, lowbit_weights_)
 from netslim.train import TrainConfig, evaluate, fit
 
 
@@ -93,20 +93,21 @@ def test_ternary_weight_follows_twn_threshold():
 def test_lowbit_weights_keeps_first_conv_and_last_linear_float():
     model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 8, 3), nn.ReLU(), nn.Flatten(),
                           nn.Linear(8 * 4 * 4, 16), nn.ReLU(), nn.Linear(16, 10))
-    names = lowbit_weights_(model, "ternary")
+    names = lowbit_layer_names(lowbit_weights_(model, "ternary"))
     assert names == ["2", "5"]
     assert not parametrize.is_parametrized(model[0]) and not parametrize.is_parametrized(model[7])
     assert isinstance(model[2].parametrizations.weight[0], TernaryWeight)
     assert model(torch.randn(2, 1, 8, 8)).shape == (2, 10)
     everything = copy.deepcopy(nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(2, 3)))
-    assert lowbit_weights_(everything, "binary", first_last_float=False) == ["0", "2"]
+    assert lowbit_weights_(everything, "binary", first_last_float=False) is everything
+    assert lowbit_layer_names(everything) == ["0", "2"]
     with pytest.raises(NetslimError, match="unknown low-bit method 'quinary'.*binary, inq, ternary"):
         lowbit_weights_(model, "quinary")
 
 
 def test_ternary_training_reaches_high_accuracy_and_stays_ternary():
     model = mlp()
-    assert lowbit_weights_(model, "ternary", first_last_float=False) == ["0", "2", "4"]
+    assert lowbit_layer_names(lowbit_weights_(model, "ternary", first_last_float=False)) == ["0", "2", "4"]
     fit(model, TRAIN, CFG, device="cpu", progress=False)
     assert evaluate(model, TEST, device="cpu")["top1"] > 0.9
     bake_lowbit_(model)

@@ -8,7 +8,7 @@ integer execution through QDQ ONNX in onnxruntime, and packed ``.nsq`` storage.
 from .calibrate import CALIBRATORS, RangeCollector, weight_range
 from .export import onnx_qdq_bytes, ort_session, to_onnx_qdq
 from .kmeans import SharedWeight, hash_layer_, kmeans_1d, share_layer_, share_weights_
-from .lowbit import INQ, bake_lowbit_, inq_train, lowbit_weights_
+from .lowbit import INQ, bake_lowbit_, inq_train, lowbit_layer_names, lowbit_weights_
 from .mixed import layer_sensitivity, plan_bits
 from .pack import load_quantized_, read_quantized, save_quantized
 from .ptq import QuantConfig, calibrate_, prepare, quantize, set_mode
@@ -18,5 +18,5 @@ from .qspec import QuantSpec, fake_quantize, qparams
 __all__ = ["SharedWeight", "share_weights_", "share_layer_", "hash_layer_", "kmeans_1d",
            "QuantConfig", "QuantSpec", "quantize", "prepare", "calibrate_", "set_mode", "fake_quantize", "qparams",
            "CALIBRATORS", "RangeCollector", "weight_range", "onnx_qdq_bytes", "to_onnx_qdq", "ort_session",
-           "quantization_aware_training", "lowbit_weights_", "bake_lowbit_", "inq_train", "INQ",
+           "quantization_aware_training", "lowbit_weights_", "lowbit_layer_names", "bake_lowbit_", "inq_train", "INQ",
            "layer_sensitivity", "plan_bits", "save_quantized", "load_quantized_", "read_quantized"]

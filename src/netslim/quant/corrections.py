@@ -6,6 +6,7 @@ float model; the float reference is therefore the same module with its quantizer
 """
 from __future__ import annotations
 
+import logging
 from typing import Callable, Iterable
 
 import torch
@@ -17,6 +18,8 @@ from .adaround import adaround_weight
 from .equalize import bias_correction_, expected_relu_output
 from .graph import QUANT_LAYERS
 from .modules import ActQuant, WeightQuant
+
+log = logging.getLogger("netslim.quant")
 
 
 def quantized_layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -91,14 +94,13 @@ def empirical_bias_correction_(model: nn.Module, calib_data: Iterable, limit: in
 
 
 @torch.no_grad()
-def data_free_bias_correction_(model: nn.Module, bn_stats: dict[str, tuple[Tensor, Tensor]]) -> list[str]:
+def data_free_bias_correction_(model: nn.Module, bn_stats: dict[str, tuple[Tensor, Tensor]]) -> nn.Module:
     """Data-free bias correction: the expected input of each layer fed (through a ReLU) by a layer with a
     folded BatchNorm is the clipped-normal mean of that BatchNorm's N(beta, gamma^2); the bias absorbs
-    E[(W_q - W) x]. Returns the corrected layers."""
+    E[(W_q - W) x]. Returns ``model``."""
     if not isinstance(model, fx.GraphModule):
-        return []
+        return model
     modules = dict(model.named_modules())
-    corrected = []
     for node in model.graph.nodes:
         if node.op != "call_module" or node.target not in quantized_layers(model):
             continue
@@ -109,8 +111,8 @@ def data_free_bias_correction_(model: nn.Module, bn_stats: dict[str, tuple[Tenso
         error = layer.weight - layer.parametrizations.weight.original
         _ensure_bias(layer)
         bias_correction_(layer, error, expected.to(error.device))
-        corrected.append(node.target)
-    return corrected
+        log.debug("data-free bias correction of %s", node.target)
+    return model
 
 
 def _expected_input(node, modules, bn_stats) -> Tensor | None:

@@ -87,21 +87,25 @@ def first_last_layers(model: nn.Module) -> tuple[str, ...]:
 
 
 def lowbit_weights_(model: nn.Module, method: str, exclude: tuple[str, ...] = (),
-                    first_last_float: bool = True) -> list[str]:
+                    first_last_float: bool = True) -> nn.Module:
     """Register :class:`BinaryWeight` or :class:`TernaryWeight` on every Conv/Linear weight except ``exclude``
-    and, when ``first_last_float``, the first conv and the last linear (as in XNOR-Net and TWN).
-    Returns the names of the parametrized layers."""
+    (a name covers its submodules) and, when ``first_last_float``, the first conv and the last linear (as in
+    XNOR-Net and TWN). Returns ``model``; :func:`lowbit_layer_names` names the parametrized layers."""
     if method == "inq":
         raise NetslimError("INQ is a training procedure, not a parametrization; use netslim.quant.lowbit.inq_train")
     if method not in PARAMETRIZED_METHODS:
         raise unknown_choice("low-bit method", method, LOWBIT_METHODS)
     skip = tuple(exclude) + (first_last_layers(model) if first_last_float else ())
-    names = []
-    for name, module in lowbit_layers(model, skip).items():
+    for module in lowbit_layers(model, skip).values():
         quantizer = BinaryWeight() if method == "binary" else TernaryWeight()
         parametrize.register_parametrization(module, "weight", quantizer)
-        names.append(name)
-    return names
+    return model
+
+
+def lowbit_layer_names(model: nn.Module) -> list[str]:
+    """Names of the layers whose weight carries a :class:`BinaryWeight` or :class:`TernaryWeight`."""
+    return [name for name, m in model.named_modules() if parametrize.is_parametrized(m, "weight")
+            and any(isinstance(p, (BinaryWeight, TernaryWeight)) for p in m.parametrizations.weight)]
 
 
 def bake_lowbit_(model: nn.Module) -> nn.Module:
@@ -235,5 +239,5 @@ def inq_train(model: nn.Module, train_data: Dataset | DataLoader, config: TrainC
     return model
 
 
-__all__ = ["LOWBIT_METHODS", "BinaryWeight", "TernaryWeight", "lowbit_weights_", "bake_lowbit_",
+__all__ = ["LOWBIT_METHODS", "BinaryWeight", "TernaryWeight", "lowbit_weights_", "lowbit_layer_names", "bake_lowbit_",
            "INQ", "inq_train", "inq_exponents", "snap_pow2"]

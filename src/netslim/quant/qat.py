@@ -20,11 +20,10 @@ from .ptq import align_biases_, set_mode
 LEARNERS = ("ste", "lsq", "pact")
 
 
-def make_learnable_(model: nn.Module, learn: str = "ste") -> list[nn.Parameter]:
-    """Turn the quantizers' steps into trainable parameters as ``learn`` says; returns them."""
+def make_learnable_(model: nn.Module, learn: str = "ste") -> nn.Module:
+    """Turn the quantizers' steps into trainable parameters as ``learn`` says; returns ``model``."""
     if learn not in LEARNERS:
         raise unknown_choice("QAT learner", learn, LEARNERS)
-    params = []
     for m in model.modules():
         if isinstance(m, ActQuant):
             nonnegative = not m.spec.symmetric and int(m.zero_point) == 0
@@ -32,11 +31,7 @@ def make_learnable_(model: nn.Module, learn: str = "ste") -> list[nn.Parameter]:
             m.scale.requires_grad_(m.learn is not None)
         elif isinstance(m, WeightQuant):
             m.scale.requires_grad_(learn == "lsq")
-        else:
-            continue
-        if m.scale.requires_grad:
-            params.append(m.scale)
-    return params
+    return model
 
 
 class PactPenalty(TrainHook):

@@ -99,8 +99,8 @@ def quantize(ctx: StageContext, cfg: QuantizeConfig) -> nn.Module:
     if cfg.method in ("kmeans", "hash"):
         return _share(ctx, cfg)
     if cfg.method in ("binary", "ternary"):
-        from .lowbit import lowbit_weights_
-        names = lowbit_weights_(ctx.model, cfg.method, tuple(cfg.exclude))
+        from .lowbit import lowbit_layer_names, lowbit_weights_
+        names = lowbit_layer_names(lowbit_weights_(ctx.model, cfg.method, tuple(cfg.exclude)))
         ctx.artifacts["notes"] = f"{cfg.method} weights on {len(names)} layers (first and last stay float); fine-tune next."
         return ctx.model
     if cfg.method == "inq":
