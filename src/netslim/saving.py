@@ -55,6 +55,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from .compact.modules import Concat, NegConcat
 from .errors import NetslimError
 from .io import load_checkpoint, save_torch
 
@@ -114,6 +115,7 @@ MODULE_TYPES: dict[str, tuple[type[nn.Module], tuple[tuple[str, str], ...]]] = {
     "AvgPool2d": (nn.AvgPool2d, _AVGPOOL1 + (("divisor_override", "optsmall"),)),
     "AdaptiveAvgPool1d": (nn.AdaptiveAvgPool1d, (("output_size", "outsize"),)),
     "AdaptiveAvgPool2d": (nn.AdaptiveAvgPool2d, (("output_size", "outsize"),)),
+    "NegConcat": (NegConcat, (("channels", "size"),)),  # compact filters (CReLU)
 }
 _TYPE_NAMES = {cls: name for name, (cls, _) in MODULE_TYPES.items()}
 _CHOICES = {"padding_mode": ("zeros", "reflect", "replicate", "circular"), "approximate": ("none", "tanh")}
@@ -132,7 +134,7 @@ _REQUIREMENTS = {
 
 def allowed_types() -> list[str]:
     """Names of the module types a structure record may hold."""
-    return ["Sequential", *MODULE_TYPES]
+    return ["Sequential", "Concat", *MODULE_TYPES]
 
 
 def _module_type(m: nn.Module) -> type:
@@ -156,6 +158,9 @@ def module_spec(m: nn.Module, where: str = "") -> dict:
     cls = _module_type(m)
     if cls is nn.Sequential:
         return {"type": "Sequential",
+                "children": [[k, module_spec(c, f"{where}.{k}" if where else k)] for k, c in m.named_children()]}
+    if cls is Concat:  # parallel branches (compact filters' fire module): a Sequential with a channel count
+        return {"type": "Concat", "args": {"channels": m.channels},
                 "children": [[k, module_spec(c, f"{where}.{k}" if where else k)] for k, c in m.named_children()]}
     name = _TYPE_NAMES.get(cls)
     if name is None:
@@ -301,11 +306,12 @@ def _build(spec: Any, where: str, limits: _Limits, depth: int = 0) -> nn.Module:
     if not isinstance(spec, dict) or not isinstance(spec.get("type"), str):
         raise _bad(limits, where, spec, "an object with a 'type'")
     kind = spec["type"]
-    if kind == "Sequential":
+    if kind in ("Sequential", "Concat"):
         children = spec.get("children")
         if depth >= MAX_DEPTH:
             raise _bad(limits, where, "...", f"Sequentials nested at most {MAX_DEPTH} deep")
-        if set(spec) != {"type", "children"} or not isinstance(children, list) or len(children) > MAX_CHILDREN:
+        keys = {"type", "children"} | ({"args"} if kind == "Concat" else set())
+        if set(spec) != keys or not isinstance(children, list) or len(children) > MAX_CHILDREN:
             raise _bad(limits, f"{where}.children", children, f"a list of at most {MAX_CHILDREN} [name, record] pairs")
         built: OrderedDict[str, nn.Module] = OrderedDict()
         for i, item in enumerate(children):
@@ -313,7 +319,16 @@ def _build(spec: Any, where: str, limits: _Limits, depth: int = 0) -> nn.Module:
                     and _CHILD_NAME.match(item[0]) and item[0] not in built):
                 raise _bad(limits, f"{where}.children[{i}]", item, "a [name, record] pair with a new, simple name")
             built[item[0]] = _build(item[1], f"{where}.children[{i}]", limits, depth + 1)
-        return nn.Sequential(built)
+        if kind == "Sequential":
+            return nn.Sequential(built)
+        args = spec["args"]
+        if not (isinstance(args, dict) and set(args) == {"channels"}):
+            raise _bad(limits, f"{where}.args", args, "an object with exactly the field channels")
+        channels = _field(args["channels"], "size", f"{where}.args.channels", limits)
+        block = Concat(channels)
+        for name, child in built.items():
+            block.add_module(name, child)
+        return block
     if kind not in MODULE_TYPES:
         raise _bad(limits, f"{where}.type", kind, f"a module type netslim rebuilds: {', '.join(allowed_types())}")
     cls, fields = MODULE_TYPES[kind]
