@@ -134,7 +134,7 @@ _REQUIREMENTS = {
 
 def allowed_types() -> list[str]:
     """Names of the module types a structure record may hold."""
-    return ["Sequential", "Concat", *MODULE_TYPES]
+    return ["Sequential", *MODULE_TYPES, "Concat"]
 
 
 def _module_type(m: nn.Module) -> type:
