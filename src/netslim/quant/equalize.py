@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import NetslimError
+from ..surgery import replace_module_
 
 Layer = nn.Conv2d | nn.Linear
 _RELU_FUNCTIONS = (F.relu, torch.relu, torch.relu_)
@@ -141,11 +142,6 @@ def equalize_pair_(first: Layer, second: Layer) -> Tensor:
     return s
 
 
-def _replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, leaf = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, leaf, new)
-
-
 def cross_layer_equalize_(model: nn.Module, iterations: int = 20,
                           relu6_to_relu: bool = False) -> list[tuple[str, ...]]:
     """Cross-layer equalization in place (Nagel et al. 2019 §4.1); returns the equalized chains.
@@ -163,7 +159,7 @@ def cross_layer_equalize_(model: nn.Module, iterations: int = 20,
     chains = _find_chains(model, through_relu6=relu6_to_relu)
     for chain in chains:
         for name in chain.relu6:
-            _replace_module(model, name, nn.ReLU(inplace=model.get_submodule(name).inplace))
+            replace_module_(model, name, nn.ReLU(inplace=model.get_submodule(name).inplace))
     modules = dict(model.named_modules())
     for _ in range(iterations):
         for chain in chains:

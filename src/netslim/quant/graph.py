@@ -26,6 +26,7 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
 from ..layers import covers
+from ..surgery import replace_module_
 
 log = logging.getLogger("netslim.quant")
 
@@ -65,18 +66,13 @@ def fold_batchnorm(model: nn.Module) -> tuple[nn.Module, dict[str, tuple[torch.T
         else:
             continue
         stats[prev.target] = (bn.bias.detach().clone(), bn.weight.detach().abs().clone())
-        _set_submodule(gm, prev.target, fused)
+        replace_module_(gm, prev.target, fused)
         node.replace_all_uses_with(prev)
         gm.graph.erase_node(node)
     gm.graph.lint()
     gm.delete_all_unused_submodules()
     gm.recompile()
     return gm, stats
-
-
-def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, leaf = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, leaf, module)
 
 
 def _is_activation(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
@@ -162,6 +158,6 @@ def per_layer_fallback(model: nn.Module, make_quantizer, exclude: tuple[str, ...
     would patch forward; a Sequential keeps the model an ordinary module)."""
     names = []
     for name, layer in quantizable_layers(model, exclude).items():
-        _set_submodule(model, name, nn.Sequential(make_quantizer(name), layer))
+        replace_module_(model, name, nn.Sequential(make_quantizer(name), layer))
         names.append(f"{name}.0")
     return names
