@@ -28,7 +28,8 @@ def structure_of(model: nn.Module) -> dict:
 
 
 def apply_structure_(model: nn.Module, structure: dict) -> nn.Module:
-    """Shrink ``model``'s layers to ``structure`` (from :func:`structure_of`); weights are left uninitialised."""
+    """Shrink ``model``'s layers to ``structure`` (from :func:`structure_of`); the new tensors are zeros (finite,
+    so replayed later stages such as quantization can run on them) until a state_dict is loaded."""
     if not isinstance(structure, dict) or not isinstance(structure.get("shapes"), dict) \
             or not isinstance(structure.get("groups", {}), dict):
         raise NetslimError("pruned-model structure must hold a 'shapes' mapping and a 'groups' mapping")
@@ -44,7 +45,7 @@ def apply_structure_(model: nn.Module, structure: dict) -> nn.Module:
             raise NetslimError(f"bad shape for {key}: {shape!r} (original {list(old.shape)}; a layer can only shrink)")
         if list(old.shape) != shape:
             mname, _, pname = key.rpartition(".")
-            set_tensor(modules[mname], pname, torch.empty(shape, dtype=old.dtype, device=old.device))
+            set_tensor(modules[mname], pname, torch.zeros(shape, dtype=old.dtype, device=old.device))
             touched.add(mname)
     for mname, groups in structure.get("groups", {}).items():
         module = modules.get(mname)
