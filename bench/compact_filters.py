@@ -155,10 +155,14 @@ def main() -> None:
                          latency_ms=base_lat["torch"], baseline_latency_ms=base_lat["torch"], notes=form))
         print(f"{name} dense top1 {100 * base_top1:.2f} torch {base_lat['torch']} ort {base_lat['ort']}", flush=True)
         write_result(BENCH, rows, args.out, device=device, details=details)
-        cells = [(t, c) for t in targets for c in candidates(base, name, t, blocks, images, device)]
-        if "crelu" in blocks:
-            cells.append((None, crelu_candidate(base, images, device)))
-        for t, (method, tool, converted, refit, info) in cells:
+        def cells():  # one row at a time, so a stopped run keeps what it finished
+            for t in targets:
+                for c in candidates(base, name, t, blocks, images, device):
+                    yield t, c
+            if "crelu" in blocks:
+                yield None, crelu_candidate(base, images, device)
+
+        for t, (method, tool, converted, refit, info) in cells():
             t0 = time.time()
             top1_converted = evaluate(converted, test, device=device)["top1"]
             model = refit if refit is not None else converted

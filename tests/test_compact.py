@@ -90,6 +90,8 @@ def test_skipped_layers_are_reported_with_numbers_and_reasons():
     assert plan.layers["layer1.0.conv2"].skipped == ("negated filters not valid: its output goes to batch_norm -> "
                                                      "add, not to a ReLU")
     assert plan.layers["layer1.0.conv1"].skipped is None and "| layer1.0.conv2 | crelu |" in plan.markdown()
+    vgg = plan_replacement(zoo.get("vgg16"), X32, "crelu")  # conv -> BN -> in-place ReLU (read again after)
+    assert vgg.replaced == list(vgg.layers) and len(vgg.replaced) == 13
 
 
 def test_bad_configs_are_clear_errors():

@@ -62,6 +62,9 @@ def relu_follows(model: nn.Module, example_input: torch.Tensor, names: list[str]
         reason = "the layer did not run on the example input"
         while tensor is not None:
             reads = [r for r in mode.reads.get(tensor, []) if r[0] not in ("size", "dim", "__get__")]
+            if reads and reads[0][0] in _RELU and reads[0][1] == tensor:  # an in-place ReLU reads it first
+                reason = None
+                break
             if len(reads) != 1:
                 reason = f"its output is read by {len(reads)} operations ({', '.join(r[0] for r in reads) or 'none'})"
                 break
