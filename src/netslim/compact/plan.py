@@ -170,7 +170,35 @@ def target_plan(model: nn.Module, example_input: torch.Tensor, block: str, targe
         log.setLevel(level)
     if found is None:
         raise NetslimError(f"no width of {block} blocks reaches {target} (the narrowest blocks save too little)")
-    return found.result, found.knob
+    return fill(model, example_input, found.result, target.metric, goal - found.value, expand1x1), found.knob
+
+
+def fill(model: nn.Module, example_input: torch.Tensor, plan: ReplacementPlan, metric: str, budget: float,
+         expand1x1: float = 0.5) -> ReplacementPlan:
+    """Spend what the uniform width leaves under the goal (integer widths jump): widen layers one unit
+    at a time, the cheapest step first, while the model stays within ``budget`` more of ``metric``."""
+    shapes = io_shapes(model, example_input[:1], (nn.Conv2d,))
+    extra = lambda b: {"expand1x1": expand1x1} if b == "fire" else {}  # noqa: E731
+    while True:
+        steps = []
+        for name in plan.replaced:
+            p = plan.layers[name]
+            conv = model.get_submodule(name)
+            if p.width >= BLOCKS[p.block].full(conv):
+                continue
+            after = BLOCKS[p.block].cost(conv, p.width + 1, shapes[name][0][-2:], shapes[name][1][-2:],
+                                         **extra(p.block))
+            if after.params >= p.before.params or after.macs >= p.before.macs:
+                continue
+            grow = (after.macs - p.after.macs) if metric == "macs" else (after.params - p.after.params)
+            if grow <= budget:
+                steps.append((grow, name, after))
+        if not steps:
+            return plan
+        grow, name, after = min(steps)
+        p = plan.layers[name]
+        plan.layers[name] = LayerPlan(name, p.block, p.width + 1, p.before, after)
+        budget -= grow
 
 
 def apply_plan_(model: nn.Module, plan: ReplacementPlan, expand1x1: float = 0.5) -> nn.Module:
@@ -182,4 +210,4 @@ def apply_plan_(model: nn.Module, plan: ReplacementPlan, expand1x1: float = 0.5)
     return model
 
 
-__all__ = ["BLOCKS", "LayerPlan", "ReplacementPlan", "plan_replacement", "target_plan", "apply_plan_", "eligible"]
+__all__ = ["BLOCKS", "LayerPlan", "ReplacementPlan", "plan_replacement", "target_plan", "fill", "apply_plan_", "eligible"]
