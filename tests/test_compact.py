@@ -123,7 +123,8 @@ def test_swapped_resnet20_meets_its_target_refit_lowers_error_and_runs_in_onnxru
            else ReplaceConfig(block=block, selector="target", target="macs:2", refit_images=64))
     result = replace(model, X32, cfg, calib_data=data.get("cifar10", "train"), device="cpu", progress=False)
     dense, small = (netslim.profile(m, X32, latency=False) for m in (model, result.model))
-    assert dense.macs / small.macs >= (1.2 if block == "crelu" else 2.0) and small.params < dense.params
+    reduction = dense.macs / small.macs
+    assert (1.2 <= reduction < 2.0 if block == "crelu" else 2.0 <= reduction < 2.2) and small.params < dense.params
     errors = result.details["refit_relative_error"]
     assert set(errors) == set(result.plan.replaced)
     assert all(e["after"] <= e["before"] for e in errors.values())
