@@ -116,7 +116,7 @@ def rebuild(base: nn.Module, row: dict) -> nn.Module:
     return structured(base, X, target=f"macs:{t:g}", criterion="fpgm")
 
 
-def interleaved(base: nn.Module, model: nn.Module, rounds: int = 3) -> tuple[dict, dict]:
+def interleaved(base: nn.Module, model: nn.Module, rounds: int = 2) -> tuple[dict, dict]:
     """Dense and row measured alternately ``rounds`` times (7 runs each), the best median of each kept."""
     got = [(latencies(base, 7), latencies(model, 7)) for _ in range(rounds)]
     best = lambda k: {rt: {b: min(g[k][rt][b] for g in got) for b in (1, 64)} for rt in ("torch", "ort")}  # noqa: E731
@@ -142,7 +142,7 @@ def latency_pass(path: Path, models: list[str]) -> None:
             print(f"{name} {row['method']:32} {row['setting'].get('mac_target')} torch {lat['torch']} vs {dense['torch']} "
                   f"ort {lat['ort']} vs {dense['ort']}", flush=True)
     details = {**doc.get("details", {}), "latency": "re-measured by --latency-pass in one process: the dense model "
-                                                    "and each row alternately, 3 rounds of 7 runs, best median of each, "
+                                                    "and each row alternately, 2 rounds of 7 runs, best median of each, "
                                                     "pinned to one core (a shared, busy machine)"}
     print(write_result(BENCH, doc["rows"], path.parent, device="cpu",
                        command=doc["command"] + " ; python bench/compact_filters.py --latency-pass", details=details))
