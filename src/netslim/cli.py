@@ -162,7 +162,7 @@ def cmd_stages(args) -> int:
 
     for name in stage_names():
         sdef = get_stage(name)
-        keys = ", ".join(f"{f.name}" for f in dataclasses.fields(sdef.config))
+        keys = ", ".join(f.name for f in dataclasses.fields(sdef.config) if not f.metadata.get("deprecated"))
         print(f"{name:<10} {sdef.doc}\n{'':<10} keys: {keys}")
     return 0
 

@@ -103,20 +103,5 @@ def shape_mismatch(reference: Any, got: Any) -> str | None:
     return None
 
 
-def max_abs_difference(reference: Any, got: Any) -> float:
-    """Largest absolute difference over all tensors of two outputs of the same structure (float)."""
-    ref, new = flatten_outputs(reference), flatten_outputs(got)
-    if len(ref) != len(new):
-        raise ValueError(f"cannot compare {len(ref)} output tensors with {len(new)}")
-    diffs = [float((a.detach().double().cpu() - b.detach().double().cpu()).abs().max()) if a.numel() else 0.0
-             for a, b in zip(ref, new)]
-    return max(diffs, default=0.0)
-
-
-def all_finite(output: Any) -> bool:
-    """True when no floating-point tensor of ``output`` holds NaN or infinity."""
-    return all(bool(torch.isfinite(t).all()) for t in flatten_outputs(output) if t.is_floating_point())
-
-
 __all__ = ["as_args", "tree_to", "batch_size", "flatten_outputs", "output_names", "output_shapes", "output_nbytes", "unflatten_like",
-           "shape_mismatch", "max_abs_difference", "all_finite"]
+           "shape_mismatch"]

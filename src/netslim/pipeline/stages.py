@@ -62,7 +62,7 @@ def stage(name: str, config: type, restore: Callable[[nn.Module, Any, dict], nn.
 
     def wrap(fn: Callable[[StageContext, Any], nn.Module]):
         if name in _STAGES:
-            raise ValueError(f"stage {name!r} registered twice")
+            raise RuntimeError(f"stage {name!r} registered twice")
         _STAGES[name] = StageDef(name, config, fn, restore, (fn.__doc__ or "").strip().split("\n")[0])
         return fn
 

@@ -90,16 +90,19 @@ def _ms(x: float | None) -> str:
 def compare(original: nn.Module, compressed: nn.Module, data: DataLoader | None = None, *,
             example_input: Any = None, batch_sizes: tuple[int, ...] = (1,),
             latency: bool = True, compressed_stored_size: int | None = None, compressed_index_size: int = 0,
-            top1_original: float | None = None, device: str | torch.device = "cpu", repeats: int = 20) -> Comparison:
+            top1_original: float | None = None, device: str | torch.device | None = None,
+            repeats: int = 20) -> Comparison:
     """Profile both models on the same input in the same run and evaluate both on ``data``.
 
     ``example_input`` (a tensor, a tuple of inputs or a list of images, as for :func:`profile`) defaults to
     one sample of ``data``. Latencies of the two models are
-    measured back to back in this call with the same settings, so their ratio is fair.
+    measured back to back in this call with the same settings, so their ratio is fair. ``device`` defaults to
+    :func:`netslim.train.default_device`, as everywhere in netslim.
     """
     from . import profile
-    from ..train import evaluate
+    from ..train import default_device, evaluate
 
+    device = default_device() if device is None else torch.device(device)
     if example_input is None:
         if data is None:
             raise NetslimError("compare needs example_input or data (a DataLoader of (inputs, targets)); got neither")

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..errors import NetslimError
+
 MAC_PJ = {32: 3.7 + 0.9, 16: 1.1 + 0.4, 8: 0.2 + 0.03}
 SRAM_PJ_PER_32BIT = 5.0
 DRAM_PJ_PER_32BIT = 640.0
@@ -44,7 +46,7 @@ class EnergyEstimate:
 def estimate_energy(effective_macs: int, stored_bytes: int, activation_bytes: int, mac_bits: int = 32) -> EnergyEstimate:
     """Energy of one inference under the 45 nm model above (``mac_bits`` in 8, 16, 32)."""
     if mac_bits not in MAC_PJ:
-        raise ValueError(f"mac_bits must be one of {sorted(MAC_PJ)}, got {mac_bits}")
+        raise NetslimError(f"mac_bits must be one of {sorted(MAC_PJ)}, got {mac_bits}")
     compute = effective_macs * MAC_PJ[mac_bits]
     weight_memory = stored_bytes / 4 * DRAM_PJ_PER_32BIT
     activation_memory = 2 * activation_bytes / 4 * SRAM_PJ_PER_32BIT

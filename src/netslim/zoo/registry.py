@@ -41,7 +41,7 @@ def register(name: str, *, input_size: tuple[int, ...], dataset: str | None = No
 
     def wrap(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         if name in _REGISTRY:
-            raise ValueError(f"model {name!r} registered twice")
+            raise RuntimeError(f"model {name!r} registered twice")
         _REGISTRY[name] = ModelSpec(name, fn, tuple(input_size), dataset)
         return fn
 

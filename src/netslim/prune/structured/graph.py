@@ -112,6 +112,10 @@ class _UnionFind:
             self.union(FIXED, x)
 
 
+class _UntraceableOp(Exception):
+    """A shape op the label replay cannot follow; caught by the tracer, which fixes the channels involved."""
+
+
 def _compress(lab: torch.Tensor) -> torch.Tensor:
     """Shrink every dimension along which the labels do not vary to size 1 (broadcastable)."""
     for d in range(lab.dim()):
@@ -403,13 +407,13 @@ class _Tracer(TorchFunctionMode):
             return obj
 
         if name == "__getitem__" and isinstance(args[1], torch.Tensor) and args[1].dtype == torch.bool:
-            raise ValueError("boolean mask indexing")
+            raise _UntraceableOp("boolean mask indexing")
         lab_args = swap(list(args))
         lab_kwargs = {k: swap(v) for k, v in kwargs.items()}
         lab_out = func(*lab_args, **lab_kwargs)
         outs, labs = _tensors_in(out), _tensors_in(lab_out)
         if len(outs) != len(labs):
-            raise ValueError("label shapes diverged")
+            raise _UntraceableOp("label shapes diverged")
         src = _tensors_in(args)[0] if _tensors_in(args) else None
         if name in _EQUAL_SPLITS and src is not None and len(labs) > 1:
             self._tie_equal_parts(labs)
