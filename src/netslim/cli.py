@@ -29,6 +29,52 @@ def _int_list(text: str) -> tuple[int, ...]:
     return values
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _nonneg_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def _device(text: str) -> str:
+    from .train import check_device
+
+    try:
+        check_device(text)
+    except NetslimError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def _check_output_file(out: Path) -> None:
+    """``out`` can be written as a file: not a directory, its folder exists or can be made, and is writable."""
+    import os
+
+    if out.is_dir():
+        raise NetslimError(f"--out {out} is a directory; name the state_dict file to write")
+    parent = out.parent if str(out.parent) else Path(".")
+    existing = parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise NetslimError(f"--out {out}: {existing} is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK) or (out.exists() and not os.access(out, os.W_OK)):
+        raise NetslimError(f"--out {out} is not writable")
+
+
 def _model(args) -> "torch.nn.Module":
     from . import zoo
 
@@ -45,7 +91,7 @@ def _add_model_args(p: argparse.ArgumentParser, weights_required: bool = False) 
                         "package.module:factory (loading your file runs its code)")
     p.add_argument("--weights", required=weights_required,
                    help="state_dict file to load (strict), a .nsz file, or 'shared' for ../shared/models")
-    p.add_argument("--num-classes", type=int, default=None)
+    p.add_argument("--num-classes", type=_positive_int, default=None)
 
 
 def cmd_profile(args) -> int:
@@ -100,7 +146,12 @@ def cmd_evaluate(args) -> int:
 
         order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))  # test sets come sorted by class
         ds = Subset(ds, sorted(order[: args.limit].tolist()))
-    res = evaluate(model, ds, device=args.device, batch_size=args.batch_size, progress=not args.json)
+    try:
+        res = evaluate(model, ds, device=args.device, batch_size=args.batch_size, progress=not args.json)
+    except RuntimeError as exc:
+        shape = tuple(ds[0][0].shape) if len(ds) else "?"
+        raise NetslimError(f"{args.model} cannot run on {args.data} images of shape {shape}: the model's input shape "
+                           f"does not fit the data ({(str(exc).splitlines() or [''])[0][:160]})") from None
     if args.json:
         print(json.dumps({"model": args.model, "data": args.data, **res}))
     else:
@@ -114,12 +165,13 @@ def cmd_train(args) -> int:
     from .io import save_torch
     from .train import TrainConfig, evaluate, fit, init_distributed, rank
 
+    out = Path(args.out)
+    _check_output_file(out)
     init_distributed()
     model = _model(args)
     cfg = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, optimizer=args.optimizer,
                       weight_decay=args.weight_decay, seed=args.seed, amp=not args.no_amp,
                       max_steps_per_epoch=args.max_steps)
-    out = Path(args.out)
     fit(model, nsdata.get(args.data, "train", args.data_root, augment=True), cfg, device=args.device,
         checkpoint_path=out.with_name(out.name + ".train.ckpt"))
     res = evaluate(model, nsdata.get(args.data, "test", args.data_root), device=args.device)
@@ -135,6 +187,8 @@ def cmd_compress(args) -> int:
 
     recipe = load_recipe(args.recipe)
     out = Path(args.out) if args.out else Path("runs") / Path(args.recipe).stem
+    if out.exists() and not out.is_dir():
+        raise NetslimError(f"--out {out} is a file; name a run directory")
     metrics = run_recipe(recipe, out, restart=args.restart, progress=not args.no_progress)
     print(stage_table(metrics))
     print(f"\nrun directory: {out} (report.md, metrics.json)")
@@ -188,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--totals", action="store_true", help="totals only, no per-layer table")
     p.add_argument("--no-latency", action="store_true")
     p.add_argument("--batch-sizes", type=_int_list, default=(1,))
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=_positive_int, default=None)
     p.add_argument("--sparse", action="store_true", help="also time linear layers with sparse CSR kernels")
     p.set_defaults(func=cmd_profile)
 
@@ -196,9 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p, weights_required=True)
     p.add_argument("--data", required=True, help="mnist, fashion-mnist, cifar10, cifar100 or an ImageFolder path")
     p.add_argument("--data-root", default=None)
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--limit", type=int, default=None, help="evaluate a fixed random subset of N test images")
-    p.add_argument("--device", default=None)
+    p.add_argument("--batch-size", type=_positive_int, default=256)
+    p.add_argument("--limit", type=_positive_int, default=None, help="evaluate a fixed random subset of N test images")
+    p.add_argument("--device", type=_device, default=None, help="cpu, cuda, cuda:N or mps (default: cuda if present)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_evaluate)
 
@@ -207,15 +261,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True)
     p.add_argument("--data-root", default=None)
     p.add_argument("--out", required=True, help="state_dict file to write (resumes from OUT.train.ckpt)")
-    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--epochs", type=_nonneg_int, default=1)
     p.add_argument("--lr", type=float, default=0.05)
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--batch-size", type=_positive_int, default=128)
     p.add_argument("--optimizer", default="sgd")
     p.add_argument("--weight-decay", type=float, default=5e-4)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-steps", type=int, default=None, help="steps per epoch cap")
+    p.add_argument("--max-steps", type=_positive_int, default=None, help="steps per epoch cap")
     p.add_argument("--no-amp", action="store_true")
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", type=_device, default=None, help="cpu, cuda, cuda:N or mps (default: cuda if present)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("compress", help="run a YAML recipe of stages into a run directory")
@@ -253,6 +307,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("netslim: interrupted", file=sys.stderr)
         return 130
+    except PermissionError as exc:  # a read-only output directory or file met half-way
+        print(f"netslim: error: permission denied: {exc.filename or exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

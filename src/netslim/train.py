@@ -56,6 +56,7 @@ class TrainConfig:
     eval_every: int = 0
 
     def __post_init__(self) -> None:
+        _check_field_types(self)
         if self.optimizer not in OPTIMIZERS:
             raise unknown_choice("optimizer", self.optimizer, OPTIMIZERS)
         if self.schedule not in SCHEDULES:
@@ -64,6 +65,36 @@ class TrainConfig:
             raise NetslimError(f"epochs must be >= 0 and batch_size >= 1, got {self.epochs} and {self.batch_size}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise NetslimError(f"lr must be a positive number, got {self.lr}")
+        if self.max_steps_per_epoch is not None and self.max_steps_per_epoch < 1:
+            raise NetslimError(f"max_steps_per_epoch must be >= 1, got {self.max_steps_per_epoch}")
+        if self.workers < 0 or self.eval_every < 0 or self.warmup_epochs < 0:
+            raise NetslimError("workers, eval_every and warmup_epochs must be >= 0")
+
+
+_INT_FIELDS = ("epochs", "batch_size", "seed", "workers", "eval_every")
+_FLOAT_FIELDS = ("lr", "momentum", "weight_decay", "warmup_epochs", "label_smoothing")
+_BOOL_FIELDS = ("nesterov", "amp")
+
+
+def _check_field_types(cfg) -> None:
+    """Types of the :class:`TrainConfig` fields, checked before any work (``epochs: 1.5`` is refused)."""
+    for name in _INT_FIELDS:
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise NetslimError(f"{name} must be an integer, got {value!r}")
+    if cfg.max_steps_per_epoch is not None and (isinstance(cfg.max_steps_per_epoch, bool)
+                                                or not isinstance(cfg.max_steps_per_epoch, int)):
+        raise NetslimError(f"max_steps_per_epoch must be an integer, got {cfg.max_steps_per_epoch!r}")
+    for name in _FLOAT_FIELDS:
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise NetslimError(f"{name} must be a number, got {value!r}")
+    for name in _BOOL_FIELDS:
+        if not isinstance(getattr(cfg, name), bool):
+            raise NetslimError(f"{name} must be true or false, got {getattr(cfg, name)!r}")
+    for name in ("optimizer", "schedule"):
+        if not isinstance(getattr(cfg, name), str):
+            raise NetslimError(f"{name} must be a string, got {getattr(cfg, name)!r}")
 
 
 class TrainHook:
@@ -82,6 +113,14 @@ class TrainHook:
 
     def on_epoch_end(self, model: nn.Module, epoch: int) -> None:
         """Called after each epoch, before the checkpoint is written."""
+
+    def state_dict(self) -> dict:
+        """What the hook needs to continue after a resume (step counters, schedules); saved in the
+        per-epoch checkpoint. Plain tensors, numbers, strings, lists and dicts only."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict` when :func:`fit` resumes (called after ``on_train_start``)."""
 
 
 # ------------------------------------------------------------------ distributed helpers
@@ -102,6 +141,33 @@ def init_distributed() -> bool:
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     return True
+
+
+DEVICE_CHOICES = ("cpu", "cuda", "cuda:N", "mps")
+
+
+def check_device(name) -> torch.device:
+    """``name`` as a device that exists here, or a :class:`NetslimError` naming it and the choices."""
+    if isinstance(name, torch.device):
+        device = name
+    else:
+        if not isinstance(name, str):
+            raise NetslimError(f"device must be a string such as 'cpu' or 'cuda', got {name!r}")
+        try:
+            device = torch.device(name)
+        except (RuntimeError, ValueError):
+            raise NetslimError(f"unknown device {name!r}; valid choices: {', '.join(DEVICE_CHOICES)}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise NetslimError(f"device {name!r} asked for, but no CUDA GPU is available here; use 'cpu'")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise NetslimError(f"device {name!r}: only {torch.cuda.device_count()} CUDA device(s) here")
+    elif device.type == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise NetslimError(f"device {name!r} asked for, but MPS is not available here; use 'cpu'")
+    elif device.type != "cpu":
+        raise NetslimError(f"unsupported device {name!r}; valid choices: {', '.join(DEVICE_CHOICES)}")
+    return device
 
 
 def default_device() -> torch.device:
@@ -193,25 +259,42 @@ class TrainState:
     history: list[dict] = field(default_factory=list)
 
 
-def _save_checkpoint(path: Path, model: nn.Module, optimizer, scaler, state: TrainState, cfg: TrainConfig) -> None:
+def _save_checkpoint(path: Path, model: nn.Module, optimizer, scaler, state: TrainState, cfg: TrainConfig,
+                     hooks=()) -> None:
     save_torch({
         "model": model.state_dict(), "optimizer": optimizer.state_dict(),
         "scaler": scaler.state_dict() if scaler is not None else None,
         "epoch": state.epoch, "history": state.history, "config": asdict(cfg),
         "rng": torch.get_rng_state(), "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "hooks": [h.state_dict() for h in hooks],
     }, path)
 
 
-def _load_checkpoint(path: Path, model: nn.Module, optimizer, scaler) -> TrainState:
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    model.load_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    if scaler is not None and ckpt.get("scaler"):
-        scaler.load_state_dict(ckpt["scaler"])
-    torch.set_rng_state(ckpt["rng"])
-    if torch.cuda.is_available() and ckpt.get("cuda_rng"):
-        torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
-    return TrainState(epoch=int(ckpt["epoch"]), history=list(ckpt["history"]))
+def _load_checkpoint(path: Path, model: nn.Module, optimizer, scaler, hooks=()) -> TrainState:
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # UnpicklingError, a truncated zip, a pickle that is not plain tensors
+        first = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+        raise NetslimError(f"{path} is not a netslim training checkpoint ({first}); delete it to start over") \
+            from None
+    if not isinstance(ckpt, dict) or not {"model", "optimizer", "epoch", "history", "rng"} <= set(ckpt):
+        raise NetslimError(f"{path} is not a netslim training checkpoint (missing keys); delete it to start over")
+    try:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if scaler is not None and ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+        torch.set_rng_state(ckpt["rng"])
+        if torch.cuda.is_available() and ckpt.get("cuda_rng"):
+            torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
+        hook_states = ckpt.get("hooks") or []
+        for h, hs in zip(hooks, hook_states):
+            h.load_state_dict(hs)
+        return TrainState(epoch=int(ckpt["epoch"]), history=list(ckpt["history"]))
+    except (RuntimeError, KeyError, ValueError, TypeError) as exc:
+        first = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+        raise NetslimError(f"{path} does not fit this model or training ({first}); delete it to start over") \
+            from None
 
 
 def fit(model: nn.Module, train_data: Dataset | DataLoader, config: TrainConfig | None = None, *,
@@ -225,7 +308,7 @@ def fit(model: nn.Module, train_data: Dataset | DataLoader, config: TrainConfig 
     optimizer, AMP scaler and RNG state restored).
     """
     cfg = config or TrainConfig()
-    device = torch.device(device) if device is not None else default_device()
+    device = check_device(device) if device is not None else default_device()
     seed_everything(cfg.seed + rank())
     model.to(device).train()
     net: nn.Module = model
@@ -250,7 +333,7 @@ def fit(model: nn.Module, train_data: Dataset | DataLoader, config: TrainConfig 
     state = TrainState()
     ckpt = Path(checkpoint_path) if checkpoint_path is not None else None
     if ckpt is not None and ckpt.is_file():
-        state = _load_checkpoint(ckpt, model, optimizer, scaler)
+        state = _load_checkpoint(ckpt, model, optimizer, scaler, hooks)
         if rank() == 0:
             log.info("resumed from %s after epoch %d", ckpt, state.epoch)
 
@@ -302,10 +385,11 @@ def fit(model: nn.Module, train_data: Dataset | DataLoader, config: TrainConfig 
             log.info("epoch %d/%d %s", epoch + 1, cfg.epochs,
                      " ".join(f"{k}={v:.4f}" for k, v in record.items() if isinstance(v, float)))
             if ckpt is not None:
-                _save_checkpoint(ckpt, model, optimizer, scaler, state, cfg)
+                _save_checkpoint(ckpt, model, optimizer, scaler, state, cfg, hooks)
         if is_distributed():
             dist.barrier()
     return state.history
 
 
-__all__ = ["TrainConfig", "TrainHook", "fit", "evaluate", "init_distributed", "seed_everything", "default_device"]
+__all__ = ["TrainConfig", "TrainHook", "fit", "evaluate", "init_distributed", "seed_everything", "default_device",
+           "check_device"]

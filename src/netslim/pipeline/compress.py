@@ -24,7 +24,7 @@ from torch import nn
 
 from ..errors import NetslimError
 from ..surgery import safe_deepcopy
-from ..train import default_device, seed_everything
+from ..train import check_device, default_device, seed_everything
 from .databundle import DatasetBundle
 from .recipe import Recipe, load_recipe, parse_stages
 from .report import stage_table
@@ -88,7 +88,7 @@ def compress(model: nn.Module | str, stages: str | Path | Recipe | Sequence[Any]
     for key, value in overrides.items():
         if value is not None:
             setattr(recipe, key, value)
-    run_device = torch.device(recipe.device) if recipe.device else default_device()
+    run_device = check_device(recipe.device) if recipe.device else default_device()
     if isinstance(model, str) and eval_data is None and train_data is None:
         recipe.model = model
         recipe.weights = None if weights is None else str(weights)

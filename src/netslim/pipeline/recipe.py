@@ -135,13 +135,76 @@ def parse_stages(items: Any) -> list[StageSpec]:
     return [_parse_stage(item, i) for i, item in enumerate(items)]
 
 
+MAX_RECIPE_BYTES = 1 << 20  # 1 MiB: recipes are a few hundred bytes
+MAX_RECIPE_NODES = 100_000  # YAML nodes after expanding every alias (billion laughs)
+MAX_RECIPE_DEPTH = 64
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses documents whose composed graph, with every alias expanded, holds more
+    than ``MAX_RECIPE_NODES`` nodes or nests deeper than ``MAX_RECIPE_DEPTH`` (checked before any Python
+    object is built, so an expansion bomb costs nothing)."""
+
+    def get_single_node(self):
+        node = super().get_single_node()
+        if node is not None:
+            _check_expanded_size(node)
+        return node
+
+
+def _check_expanded_size(root) -> None:
+    sizes: dict[int, int] = {}
+
+    def size(node, depth: int) -> int:
+        if depth > MAX_RECIPE_DEPTH:
+            raise NetslimError(f"recipe nests deeper than {MAX_RECIPE_DEPTH} levels")
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        sizes[key] = MAX_RECIPE_NODES + 1  # a node reached again while being sized: a recursive alias
+        if isinstance(node, yaml.MappingNode):
+            total = 1 + sum(size(k, depth + 1) + size(v, depth + 1) for k, v in node.value)
+        elif isinstance(node, yaml.SequenceNode):
+            total = 1
+            for child in node.value:
+                total += size(child, depth + 1)
+                if total > MAX_RECIPE_NODES:
+                    break
+        else:
+            total = 1
+        if total > MAX_RECIPE_NODES:
+            raise NetslimError(f"recipe expands to more than {MAX_RECIPE_NODES:,} YAML values (aliases or long "
+                               "lists); a recipe is a short list of stages")
+        sizes[key] = total
+        return total
+
+    size(root, 0)
+
+
 def load_recipe(path: str | Path) -> Recipe:
-    """Read and validate a recipe file (``yaml.safe_load``)."""
+    """Read and validate a recipe file: at most 1 MiB of UTF-8 YAML, parsed safely (no tags that build
+    objects), aliases and list lengths bounded."""
     path = Path(path)
     if not path.is_file():
         raise NetslimError(f"recipe file not found: {path}")
     try:
-        doc = yaml.safe_load(path.read_text())
+        with open(path, "rb") as f:
+            raw = f.read(MAX_RECIPE_BYTES + 1)
+    except OSError as exc:
+        raise NetslimError(f"cannot read recipe {path}: {exc.strerror or exc}") from None
+    if len(raw) > MAX_RECIPE_BYTES:
+        raise NetslimError(f"{path} is larger than {MAX_RECIPE_BYTES // 1024} KiB; a recipe is a short YAML file")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise NetslimError(f"{path} is not a text (UTF-8) YAML file: undecodable byte at offset {exc.start}") from None
+    if "\x00" in text:
+        raise NetslimError(f"{path} is not a text YAML file (it holds NUL bytes)")
+    try:
+        doc = yaml.load(text, Loader=_BoundedLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
-        raise NetslimError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        lines = str(exc).splitlines() or [type(exc).__name__]
+        raise NetslimError(f"{path} is not valid YAML: {lines[0]}") from None
+    except RecursionError:
+        raise NetslimError(f"{path} nests too deeply to be a recipe") from None
     return parse_recipe(doc, path.parent.resolve())

@@ -16,9 +16,12 @@ resumes from its own checkpoint when it has one (``finetune`` does, per epoch).
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import os
 import shutil
+import socket
 import time
 from pathlib import Path
 from dataclasses import dataclass
@@ -33,7 +36,7 @@ from .. import zoo
 from ..errors import NetslimError
 from ..io import load_checkpoint, save_json, save_text, save_torch
 from ..profile import compare, profile
-from ..train import default_device, evaluate, seed_everything
+from ..train import check_device, default_device, evaluate, seed_everything
 from ..surgery import safe_deepcopy
 from ..zoo.references import is_factory_reference
 from .databundle import DataBundle, DatasetBundle, bundle_from_reference
@@ -61,6 +64,8 @@ class RunInputs:
 
 def validate_inputs(recipe: Recipe) -> None:
     """Everything checkable without work: model reference, dataset name or reference, weights file."""
+    if recipe.device is not None:
+        check_device(recipe.device)
     zoo.spec(recipe.resolve_reference(recipe.model))
     if not (nsdata.is_folder_dataset(recipe.data) or is_factory_reference(recipe.data)):
         nsdata.canonical_name(recipe.data)
@@ -166,7 +171,7 @@ def ort_speedup(baseline: dict[str, float], compressed: dict[str, float]) -> flo
 def run_recipe(recipe: Recipe, run_dir: str | Path, *, restart: bool = False, progress: bool = True) -> list[dict]:
     """Run every stage of ``recipe`` into ``run_dir``; return the metrics rows (baseline first)."""
     validate_inputs(recipe)
-    device = torch.device(recipe.device) if recipe.device else default_device()
+    device = check_device(recipe.device) if recipe.device else default_device()
     seed_everything(recipe.seed)
     metrics, _ = run_stages(recipe, lambda: inputs_from_recipe(recipe, device), run_dir, restart=restart,
                             progress=progress)
@@ -180,21 +185,111 @@ def run_stages(recipe: Recipe, make_inputs: Callable[[], RunInputs], run_dir: st
     run_dir = Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise NetslimError(f"run directory {run_dir} is a file; choose another --out/out=")
-    if restart and run_dir.exists():
-        shutil.rmtree(run_dir)
-    (run_dir / "stages").mkdir(parents=True, exist_ok=True)
-    handler = _attach_log(run_dir)
     try:
-        state = _read_state(run_dir, recipe)
-        return _run(recipe, make_inputs(), state, run_dir, progress)
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise NetslimError(f"cannot create run directory {run_dir}: {exc.strerror or exc}") from None
+    if not os.access(run_dir, os.W_OK | os.X_OK):
+        raise NetslimError(f"run directory {run_dir} is not writable; choose another --out/out=")
+    lock = RunLock(run_dir)
+    lock.acquire()
+    try:
+        if restart:
+            _clear_run_dir(run_dir)
+        remove_stale_temps(run_dir)
+        (run_dir / "stages").mkdir(parents=True, exist_ok=True)
+        handler = _attach_log(run_dir)
+        try:
+            state = _read_state(run_dir, recipe)
+            return _run(recipe, make_inputs(), state, run_dir, progress)
+        finally:
+            logging.getLogger("netslim").removeHandler(handler)
+            handler.close()
     finally:
-        logging.getLogger("netslim").removeHandler(handler)
-        handler.close()
+        lock.release()
+
+
+LOCK_NAME = ".netslim.lock"
+
+
+class RunLock:
+    """An exclusive lock on a run directory: ``fcntl.flock`` on ``run_dir/.netslim.lock``, which holds the
+    holder's PID and host. The kernel drops a flock when its process dies (a SIGKILL included), so a lock
+    left behind by a killed run is stale by construction and simply taken over."""
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / LOCK_NAME
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        import fcntl
+
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise NetslimError(f"cannot lock run directory {self.path.parent}: {exc.strerror or exc}") from None
+            holder = self._holder()
+            raise NetslimError(f"run directory {self.path.parent} is in use by another netslim run ({holder}); "
+                               "wait for it to finish or choose another --out/out=") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                 "started": time.time()}).encode())
+        os.fsync(fd)
+        self._fd = fd
+
+    def _holder(self) -> str:
+        try:
+            info = json.loads(self.path.read_text())
+            return f"PID {int(info['pid'])} on {info.get('host', '?')}"
+        except (OSError, ValueError, KeyError, TypeError):
+            return "PID unknown"
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        import fcntl
+
+        try:
+            os.ftruncate(self._fd, 0)
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+        finally:
+            os.close(self._fd)
+            self._fd = None
+
+
+def _clear_run_dir(run_dir: Path) -> None:
+    """``--restart``: empty the run directory, keeping the lock this run holds."""
+    for child in run_dir.iterdir():
+        if child.name == LOCK_NAME:
+            continue
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
+
+
+def remove_stale_temps(run_dir: Path) -> list[Path]:
+    """Remove ``.NAME.XXXX.tmp`` files that an atomic write killed half-way left in the run directory and
+    its stage folders (called while holding the lock, so no live writer owns them)."""
+    removed = []
+    for path in run_dir.rglob(".*.tmp"):
+        if path.is_file() and path.name.startswith("."):
+            try:
+                path.unlink()
+                removed.append(path)
+            except OSError:
+                pass
+    if removed:
+        log.info("removed %d leftover temp file(s) of an interrupted write", len(removed))
+    return removed
 
 
 def _run(recipe: Recipe, inputs: RunInputs, state: dict, run_dir: Path, progress: bool) -> tuple[list[dict], nn.Module]:
     save_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False), run_dir / "recipe.yaml")
-    device = torch.device(recipe.device) if recipe.device else default_device()
+    device = check_device(recipe.device) if recipe.device else default_device()
     seed_everything(recipe.seed)
     original = inputs.original.to(device).eval()
     model = safe_deepcopy(original)
