@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
@@ -59,4 +60,43 @@ def load_checkpoint(path: str | os.PathLike) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # corrupt or pickled-code files
-        raise NetslimError(f"cannot load checkpoint {path}: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
+        lines = [ln for ln in str(exc).splitlines() if ln.strip()]
+        detail = f": {lines[0][:200]}" if lines else ""
+        raise NetslimError(f"cannot load checkpoint {path}: {type(exc).__name__}{detail}") from None
+
+
+MAX_JSON_DEPTH = 64
+MAX_JSON_INT_DIGITS = 16          # |n| < 10**16 covers every integer up to 2**53
+_JSON_STRINGS = re.compile(rb'"(?:[^"\\]|\\.)*"', re.S)
+
+
+def _parse_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_JSON_INT_DIGITS:
+        raise ValueError(f"integer of {len(text)} digits")
+    value = int(text)
+    if abs(value) > 1 << 53:
+        raise ValueError("integer beyond 2**53")
+    return value
+
+
+def _parse_constant(text: str):
+    raise ValueError(f"{text} is not allowed")
+
+
+def bounded_json(data: bytes, source: str, what: str = "header", max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """Parse untrusted JSON ``data``: UTF-8, nesting at most ``max_depth`` deep, integers within 2**53, no
+    NaN/Infinity; any violation is a :class:`NetslimError` naming ``source`` and ``what``."""
+    import numpy as np
+
+    from .errors import NetslimError
+
+    bare = _JSON_STRINGS.sub(b"", data)
+    if bare:
+        codes = np.frombuffer(bare, dtype=np.uint8)
+        steps = np.isin(codes, (91, 123)).astype(np.int32) - np.isin(codes, (93, 125)).astype(np.int32)
+        if steps.size and int(np.cumsum(steps).max()) > max_depth:
+            raise NetslimError(f"{source}: corrupt {what} (JSON nested deeper than {max_depth})")
+    try:
+        return json.loads(data.decode("utf-8"), parse_int=_parse_int, parse_constant=_parse_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise NetslimError(f"{source}: corrupt {what} (not valid JSON: {str(exc)[:120]})") from None

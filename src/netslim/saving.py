@@ -70,6 +70,10 @@ MAX_NAME = 1024
 MAX_ARCH = 4096
 MAX_CLASSES = 1 << 24
 MAX_INPUT_ELEMENTS = 1 << 26   # the zeros input the quantized graph is traced with on load
+FILE_MODEL_FACTOR = 64         # a file's arch may build a model of at most 64x its tensors' elements ...
+FILE_MODEL_SLACK = 1 << 22     # ... plus 4 M elements (pruning removes channels, biases, whole layers)
+NSZ_ELEMENTS_PER_BYTE = 256    # an .nsz file claims at most 256 elements per byte of the file ...
+NSZ_MIN_ELEMENTS = 1 << 22     # ... or 4 M elements in all
 _CHILD_NAME = re.compile(r"^[A-Za-z0-9_]{1,128}$")
 
 # ------------------------------------------------------------------ the allowlist
@@ -235,9 +239,11 @@ class _Limits:
     budget: int = 0
 
     @classmethod
-    def of(cls, source: str, tensors: dict[str, torch.Tensor]) -> "_Limits":
-        dims = [int(d) for t in tensors.values() for d in t.shape]
-        total = sum(int(t.numel()) for t in tensors.values())
+    def of(cls, source: str, tensors: dict[str, Any]) -> "_Limits":
+        """From the tensors (or their shapes) a file holds."""
+        shapes = [tuple(t.shape) if isinstance(t, torch.Tensor) else tuple(t) for t in tensors.values()]
+        dims = [int(d) for s in shapes for d in s]
+        total = sum(math.prod(s) for s in shapes)
         return cls(source, max(dims, default=1), total, 2 * total + 4096)
 
 
@@ -392,9 +398,11 @@ def _check_arch(arch: Any, num_classes: Any, source: str) -> None:
                            f"1..{MAX_CLASSES})")
 
 
-def _build_arch(arch: str, num_classes: int | None, source: str, from_file: bool) -> nn.Module:
+def _build_arch(arch: str, num_classes: int | None, source: str, from_file: bool,
+                max_elements: int | None = None) -> nn.Module:
     from . import zoo
     from .zoo.references import is_factory_reference
+    from .zoo.registry import check_file_model
 
     if from_file and is_factory_reference(arch):
         if not _TRUST_CODE.get():
@@ -404,16 +412,48 @@ def _build_arch(arch: str, num_classes: int | None, source: str, from_file: bool
         if not arch.rpartition(":")[0].endswith(".py") and top in sys.stdlib_module_names:
             raise NetslimError(f"{source}: arch {arch!r} names a standard-library function, not a model factory; "
                                "load it with netslim.load(path, model=...)")
+    if from_file:  # sized on the meta device first: a file cannot make netslim build a model it cannot fill
+        check_file_model(arch, num_classes, source, FILE_MODEL_FACTOR * (max_elements or 0) + FILE_MODEL_SLACK)
     return zoo.get(arch, num_classes=num_classes)
 
 
-def _base(source: str, arch: Any, num_classes: Any, model: nn.Module | None) -> nn.Module:
+def _base(source: str, arch: Any, num_classes: Any, model: nn.Module | None, max_elements: int = 0) -> nn.Module:
     _check_arch(arch, num_classes, source)
     if model is not None:
         return model
     if not arch:
         raise NetslimError(f"{source} names no architecture; pass the model: netslim.load(path, model=...)")
-    return _build_arch(arch, num_classes, source, from_file=True)
+    return _build_arch(arch, num_classes, source, from_file=True, max_elements=max_elements)
+
+
+def _dry_run(model: nn.Module, arch: Any, source: str) -> None:
+    """Run ``model`` once on the meta device (no memory, no arithmetic) on its architecture's input size: channel
+    counts or ``groups`` that do not fit together are refused at load, not in the first ``forward``."""
+    from . import zoo
+    from torch.func import functional_call
+
+    if not isinstance(arch, str):
+        return
+    try:
+        size = zoo.spec(arch).input_size
+    except NetslimError:
+        return
+    if not size:
+        return
+    was = model.training
+    model.eval()
+    try:
+        meta = {k: torch.empty_like(v, device="meta") for k, v in model.state_dict(keep_vars=True).items()}
+        with torch.no_grad():
+            functional_call(model, meta, (torch.empty(size, device="meta"),), strict=False)
+    except NotImplementedError:
+        return  # an operation without a meta kernel: nothing to learn here
+    except Exception as exc:
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        raise NetslimError(f"{source}: the recorded structure does not fit together ({type(exc).__name__}: "
+                           f"{lines[0][:200] if lines else ''})") from None
+    finally:
+        model.train(was)
 
 
 def _load_state(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> nn.Module:
@@ -425,12 +465,49 @@ def _load_state(model: nn.Module, state: dict[str, torch.Tensor], source: str) -
     return model
 
 
-def _rebuilt(source: str, arch: Any, num_classes: Any, structure: Any, tensors: dict[str, torch.Tensor],
+def _rebuilt(source: str, arch: Any, num_classes: Any, structure: Any, tensors: dict[str, Any],
              model: nn.Module | None) -> nn.Module:
-    model = _base(source, arch, num_classes, model)
+    """The model a file's fields describe; ``tensors`` (name -> tensor or shape) bound every size."""
+    limits = _Limits.of(source, tensors)
+    model = _base(source, arch, num_classes, model, limits.total)
     if structure is not None:
-        apply_structure_record(model, structure, _Limits.of(source, tensors))
+        apply_structure_record(model, structure, limits)
+        _dry_run(model, arch, source)
     return model
+
+
+def digest(payload: dict) -> str:
+    """SHA-256 (hex) of a ``.pt`` model payload: its ``format``, ``arch``, ``num_classes`` and ``structure`` as
+    canonical JSON, then every tensor of ``state_dict`` in key order (name, dtype, shape, bytes).
+    ``torch.load`` does not verify the zip's CRCs; this does."""
+    import hashlib
+    import json
+
+    h = hashlib.sha256()
+    meta = {k: payload.get(k) for k in ("format", "arch", "num_classes", "structure")}
+    h.update(json.dumps(meta, sort_keys=True, separators=(",", ":"), default=str).encode())
+    for name in sorted(payload["state_dict"]):
+        t = payload["state_dict"][name].detach().cpu().contiguous()
+        h.update(f"\n{name}\n{t.dtype}\n{list(t.shape)}\n".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _verify_digest(payload: dict, state: dict[str, torch.Tensor], source: str) -> None:
+    stored = payload.get("sha256")
+    if stored is None:
+        import warnings
+
+        warnings.warn(f"{source} holds no sha256 (written before netslim checked its model files): its integrity "
+                      "is not verified; save it again to add one", stacklevel=4)
+        return
+    if not (isinstance(stored, str) and len(stored) == 64):
+        raise NetslimError(f"{source}: bad field sha256 (must be 64 hex digits)")
+    for t in state.values():
+        if t.is_sparse or t.layout != torch.strided or t.is_quantized:
+            raise NetslimError(f"{source}: bad field state_dict (only dense tensors)")
+    if digest({**payload, "state_dict": state}) != stored:
+        raise NetslimError(f"{source}: checksum mismatch (sha256): the file was altered or is damaged")
 
 
 def _state_dict(payload: Any, source: str) -> dict[str, torch.Tensor]:
@@ -443,13 +520,21 @@ def _state_dict(payload: Any, source: str) -> dict[str, torch.Tensor]:
 # ------------------------------------------------------------------ .nsz
 def load_nsz(path: str | Path, model: nn.Module | None = None) -> nn.Module:
     """Decode an ``.nsz`` file into ``model`` (or the model its ``arch`` rebuilds), structure applied first."""
-    from .encode.nsz import read_nsz
+    from .encode.nsz import header_shapes, read_nsz, read_nsz_header
 
-    arch, tensors = read_nsz(path)
-    arch = arch or {}
+    header, payload = read_nsz_header(path)
+    shapes = header_shapes(header)
+    total = sum(math.prod(s) for s in shapes.values())
+    size = Path(path).stat().st_size
+    if total > max(NSZ_MIN_ELEMENTS, NSZ_ELEMENTS_PER_BYTE * size):
+        raise NetslimError(f"{path}: corrupt .nsz file ({total:,} elements claimed by a file of {size:,} bytes; at "
+                           f"most {NSZ_ELEMENTS_PER_BYTE} per byte)")
+    arch = header.get("arch") or {}
     if not set(arch) <= {"name", "num_classes", "structure"}:
-        raise NetslimError(f"{path}: bad field arch (unknown keys {sorted(set(arch) - {'name', 'num_classes', 'structure'})})")
-    model = _rebuilt(str(path), arch.get("name"), arch.get("num_classes"), arch.get("structure"), tensors, model)
+        raise NetslimError(f"{path}: bad field arch (unknown keys {str(sorted(set(arch) - {'name', 'num_classes', 'structure'}))[:200]})")
+    model = _rebuilt(str(path), arch.get("name"), arch.get("num_classes"), arch.get("structure"), shapes, model)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    _, tensors = read_nsz(path, expected=expected, header=(header, payload))  # shapes compared before decoding
     return _load_state(model, tensors, str(path))
 
 
@@ -527,9 +612,9 @@ def _replay(float_model: nn.Module, shape: list[int], config, learn: str) -> nn.
 
 
 def _load_nsq(path: Path, model: nn.Module | None) -> nn.Module:
-    from .quant.pack import load_quantized_, read_nsq
+    from .quant.pack import check_specs, load_quantized_, read_nsq_specs
 
-    info, state = read_nsq(path)
+    info, state, specs = read_nsq_specs(path)
     source = str(path)
     if model is not None and _is_quantized(model):
         return load_quantized_(model, path)
@@ -541,7 +626,15 @@ def _load_nsq(path: Path, model: nn.Module | None) -> nn.Module:
         raise NetslimError(f"{source}: bad field model (must hold {', '.join(sorted(keys))}; format {FORMAT!r})")
     config, shape, learn = _quant_fields(info["quant"], source)
     float_model = _rebuilt(source, info["arch"], info["num_classes"], info["structure"], state, model)
-    qmodel = _replay(float_model.cpu().eval(), shape, config, learn)
+    try:
+        qmodel = _replay(float_model.cpu().eval(), shape, config, learn)
+    except NetslimError:
+        raise
+    except Exception as exc:  # the recorded model does not trace or quantize
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        raise NetslimError(f"{source}: the recorded model cannot be quantized again ({type(exc).__name__}: "
+                           f"{lines[0][:200] if lines else ''})") from None
+    check_specs(qmodel, specs, source)
     return _load_state(qmodel, state, source)
 
 
@@ -553,18 +646,27 @@ def _load_plain(path: Path, model: nn.Module | None) -> nn.Module:
     if fmt == LEGACY_PRUNED_FORMAT:
         from .prune.structured.serialize import apply_structure_
 
-        model = _base(source, payload.get("arch"), payload.get("num_classes"), model)
-        apply_structure_(model, payload.get("structure"))
-        return _load_state(model, _state_dict(payload.get("state_dict"), source), source)
+        if not set(payload) <= {"format", "arch", "num_classes", "structure", "state_dict", "sha256"}:
+            raise NetslimError(f"{source}: bad fields of a {LEGACY_PRUNED_FORMAT} file")
+        state = _state_dict(payload.get("state_dict"), source)
+        model = _base(source, payload.get("arch"), payload.get("num_classes"), model, _Limits.of(source, state).total)
+        try:
+            apply_structure_(model, payload.get("structure"))
+        except NetslimError as exc:
+            raise NetslimError(f"{source}: {exc}") from None
+        _dry_run(model, payload.get("arch"), source)
+        _verify_digest(payload, state, source)
+        return _load_state(model, state, source)
     if fmt != FORMAT:
         raise NetslimError(f"{source}: not a netslim model file (format {str(fmt)[:40]!r}; expected {FORMAT!r}, "
                            "an .nsz or an .nsq file)")
     keys = {"format", "arch", "num_classes", "structure", "state_dict"}
-    if set(payload) != keys:
-        raise NetslimError(f"{source}: bad fields {sorted(set(payload) ^ keys)} (a {FORMAT} file holds "
-                           f"{', '.join(sorted(keys))})")
+    if set(payload) not in (keys, keys | {"sha256"}):
+        raise NetslimError(f"{source}: bad fields {str(sorted(map(str, set(payload) ^ keys)))[:200]} (a {FORMAT} file "
+                           f"holds {', '.join(sorted(keys))} and sha256)")
     state = _state_dict(payload["state_dict"], source)
     model = _rebuilt(source, payload["arch"], payload["num_classes"], payload["structure"], state, model)
+    _verify_digest(payload, state, source)  # after the field checks: a bad field is named first
     return _load_state(model, state, source)
 
 
@@ -713,6 +815,7 @@ def save(model: nn.Module, path: str | Path, *, arch: str | None, num_classes: i
         save_nsz(deployed, path, arch=arch, num_classes=num_classes, structure=structure)
         return path
     payload = {"format": FORMAT, "arch": arch, "num_classes": num_classes, "structure": structure, "state_dict": state}
+    payload["sha256"] = digest(payload)
     return save_torch(payload, path)
 
 

@@ -104,9 +104,13 @@ def _ans_decode(stream: CodedStream) -> np.ndarray:
         raise NetslimError("corrupt ANS stream: payload is not a whole number of 32-bit words")
     words = np.frombuffer(stream.payload, dtype="<u4").astype(np.uint32)
     try:
-        dense = AnsCoder(words).decode(_ans_model(stream.table["counts"]), stream.n)
+        coder = AnsCoder(words)
+        dense = coder.decode(_ans_model(stream.table["counts"]), stream.n)
+        consumed = coder.is_empty()
     except Exception as exc:  # constriction raises on exhausted or invalid data
         raise NetslimError(f"corrupt ANS stream: {exc}") from None
+    if not consumed:
+        raise NetslimError("corrupt ANS stream: data left over after the last symbol")
     return np.asarray(stream.table["symbol"], dtype=np.int64)[np.asarray(dense, dtype=np.int64)]
 
 

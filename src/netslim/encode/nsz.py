@@ -23,6 +23,7 @@ check with a :class:`~netslim.errors.NetslimError`, never a crash or a silently 
 from __future__ import annotations
 
 import json
+import math
 import struct
 import zlib
 from dataclasses import dataclass, field
@@ -32,7 +33,7 @@ import numpy as np
 import torch
 
 from ..errors import NetslimError
-from ..io import atomic_write
+from ..io import atomic_write, bounded_json
 from .entropy import CODERS, CodedStream, decode_stream, encode_stream, shannon_bits
 from .sparse_index import LAYOUTS, decode_gaps, encode_gaps, flatten_order, gap_positions
 
@@ -41,7 +42,10 @@ VERSION = 1
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64,
           "int64": torch.int64, "int32": torch.int32, "int8": torch.int8, "uint8": torch.uint8, "bool": torch.bool}
 ENCODINGS = ("raw", "shared_dense", "shared_sparse", "float_sparse")
-MAX_ELEMENTS = 1 << 31
+MAX_ELEMENTS = 1 << 27          # elements of one tensor
+MAX_TOTAL_ELEMENTS = 1 << 28    # elements of all tensors of one file
+MAX_HEADER = 1 << 24            # bytes of the JSON header
+MAX_TENSORS = 1 << 16
 MAX_CODEBOOK = 1 << 16
 GAP_BITS = tuple(range(2, 9))
 
@@ -240,46 +244,66 @@ def _int(v, path, what, lo=0, hi=MAX_ELEMENTS) -> int:
 
 
 def _read_stream(entry: dict, blob: bytes, path, what: str, alphabet: int, max_n: int) -> np.ndarray:
-    _check(isinstance(entry, dict) and entry.get("coder") in CODERS, path, f"{what}: unknown coder")
+    """Decode one stream after bounding its claimed length by ``max_n`` and by what its payload can hold."""
+    _check(isinstance(entry, dict) and set(entry) == {"coder", "n", "table"} and entry.get("coder") in CODERS,
+           path, f"{what}: unknown coder or fields")
     n = _int(entry.get("n"), path, f"{what}.n", 0, max_n)
     table = entry.get("table")
     _check(isinstance(table, dict), path, f"{what}: table")
     for key, values in table.items():
-        _check(key in ("count", "symbol", "counts") and isinstance(values, list)
-               and all(isinstance(v, int) and 0 <= v <= MAX_ELEMENTS for v in values), path, f"{what}: table {key}")
+        _check(key in ("count", "symbol", "counts") and isinstance(values, list) and len(values) <= MAX_CODEBOOK + 64
+               and all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_TOTAL_ELEMENTS
+                       for v in values), path, f"{what}: table {key}")
     symbols = table.get("symbol", [])
     _check(all(s < alphabet for s in symbols), path, f"{what}: symbol outside the alphabet")
-    if entry["coder"] == "ans":
-        _check(len(table.get("counts", [])) == len(symbols) and len(symbols) >= 2, path, f"{what}: ANS table")
-        _check(all(c > 0 for c in table["counts"]), path, f"{what}: ANS counts")
-    if entry["coder"] == "huffman":
+    coder = entry["coder"]
+    if coder == "ans":
+        counts = table.get("counts", [])
+        _check(set(table) == {"symbol", "counts"} and len(counts) == len(symbols) and len(symbols) >= 2,
+               path, f"{what}: ANS table")
+        _check(all(c > 0 for c in counts) and sum(counts) == n, path, f"{what}: ANS counts do not add up to n")
+        # the payload must hold at least the stream's entropy (less 2 words of coder state)
+        c = np.asarray(counts, dtype=np.float64)
+        bound = float(-(c * np.log2(c / c.sum())).sum())
+        _check(bound <= 8 * len(blob) + 64, path, f"{what}: {n} symbols claimed from {len(blob)} payload bytes")
+    if coder == "huffman":
         count = table.get("count", [])
-        _check(0 < len(count) <= 64 and sum(count) == len(symbols), path, f"{what}: Huffman table")
-    if entry["coder"] == "const":
-        _check(len(symbols) == 1 and not blob, path, f"{what}: constant stream")
+        _check(set(table) == {"count", "symbol"} and 0 < len(count) <= 64 and sum(count) == len(symbols)
+               and count[0] == 0 and len(set(symbols)) == len(symbols), path, f"{what}: Huffman table")
+        # every code is at least one bit long
+        _check(n <= 8 * len(blob), path, f"{what}: {n} symbols claimed from {len(blob)} payload bytes")
+    if coder == "const":
+        _check(set(table) == {"symbol"} and len(symbols) == 1 and not blob, path, f"{what}: constant stream")
     try:
-        out = decode_stream(CodedStream(entry["coder"], n, table, blob))
+        out = decode_stream(CodedStream(coder, n, table, blob))
     except ValueError as exc:
         raise NetslimError(f"{path}: corrupt .nsz file ({what}: {exc})") from None
     _check(out.size == n and (n == 0 or (out.min() >= 0 and out.max() < alphabet)), path, f"{what}: decoded symbols")
     return out
 
 
-def _decode_tensor(entry: dict, payload: bytes, path) -> tuple[str, torch.Tensor]:
-    _check(isinstance(entry, dict), path, "tensor entry")
+_ENTRY_KEYS = {"name", "dtype", "shape", "encoding", "blobs", "codebook", "streams", "zero", "bits", "layout"}
+
+
+def _decode_tensor(entry: dict, payload: bytes, path, expected: dict | None = None) -> tuple[str, torch.Tensor]:
+    _check(isinstance(entry, dict) and set(entry) <= _ENTRY_KEYS, path, "tensor entry")
     name = entry.get("name")
     _check(isinstance(name, str) and 0 < len(name) < 1024, path, "tensor name")
     dtype = entry.get("dtype")
-    _check(dtype in DTYPES, path, f"{name}: dtype {dtype!r}")
+    _check(isinstance(dtype, str) and dtype in DTYPES, path, f"{name}: dtype {str(dtype)[:40]!r}")
     shape = entry.get("shape")
     _check(isinstance(shape, list) and len(shape) <= 8, path, f"{name}: shape")
     shape = [_int(s, path, f"{name}: shape") for s in shape]
-    numel = int(np.prod(shape)) if shape else 1
-    _check(numel <= MAX_ELEMENTS, path, f"{name}: too many elements")
+    numel = math.prod(shape)
+    _check(numel <= MAX_ELEMENTS, path, f"{name}: {numel} elements (at most {MAX_ELEMENTS})")
+    if expected is not None:
+        _check(name in expected, path, f"{name}: the model has no tensor of that name")
+        _check(list(expected[name]) == shape, path, f"{name}: shape {shape} (the model's is {list(expected[name])})")
     encoding = entry.get("encoding")
-    _check(encoding in ENCODINGS, path, f"{name}: encoding {encoding!r}")
+    _check(isinstance(encoding, str) and encoding in ENCODINGS, path, f"{name}: encoding {str(encoding)[:40]!r}")
     spans = entry.get("blobs")
-    _check(isinstance(spans, list) and all(isinstance(s, list) and len(s) == 2 for s in spans), path, f"{name}: blobs")
+    _check(isinstance(spans, list) and len(spans) <= 3 and all(isinstance(s, list) and len(s) == 2 for s in spans),
+           path, f"{name}: blobs")
     blobs = []
     for off, length in spans:
         _int(off, path, f"{name}: blob offset", 0, len(payload))
@@ -300,7 +324,9 @@ def _decode_tensor(entry: dict, payload: bytes, path) -> tuple[str, torch.Tensor
 
     _check(dtype == "float32", path, f"{name}: {encoding} needs float32")
     streams = entry.get("streams")
-    _check(isinstance(streams, dict), path, f"{name}: streams")
+    _check(isinstance(streams, dict) and len(blobs) >= 1, path, f"{name}: streams")
+    if encoding != "shared_dense":
+        _check(entry.get("layout") in LAYOUTS, path, f"{name}: layout")
     if encoding in ("shared_dense", "shared_sparse"):
         k = _int(entry.get("codebook"), path, f"{name}: codebook size", 1, MAX_CODEBOOK)
         _check(len(blobs[0]) == 4 * k, path, f"{name}: codebook bytes")
@@ -316,8 +342,9 @@ def _decode_tensor(entry: dict, payload: bytes, path) -> tuple[str, torch.Tensor
         bits = _int(entry.get("bits"), path, f"{name}: gap bits", 1, 16)
         layout = entry.get("layout")
         _check(layout in LAYOUTS, path, f"{name}: layout")
-        gaps = _read_stream(streams.get("gaps"), blobs[1], path, f"{name}.gaps", 1 << bits, 2 * numel + 1)
-        vals = _read_stream(streams.get("values"), blobs[2], path, f"{name}.values", k, 2 * numel + 1)
+        longest = numel + (numel >> bits) + 1  # every non-zero and every filler
+        gaps = _read_stream(streams.get("gaps"), blobs[1], path, f"{name}.gaps", 1 << bits, longest)
+        vals = _read_stream(streams.get("values"), blobs[2], path, f"{name}.values", k, longest)
         try:
             seq = decode_gaps(gaps, vals, bits, numel, zero)
         except ValueError as exc:
@@ -330,7 +357,8 @@ def _decode_tensor(entry: dict, payload: bytes, path) -> tuple[str, torch.Tensor
     bits = _int(entry.get("bits"), path, f"{name}: gap bits", 1, 16)
     layout = entry.get("layout")
     _check(layout in LAYOUTS, path, f"{name}: layout")
-    gaps = _read_stream(streams.get("gaps"), blobs[0], path, f"{name}.gaps", 1 << bits, 2 * numel + 1)
+    longest = min(numel + (numel >> bits) + 1, len(blobs[1]) // 4)  # one raw value per entry
+    gaps = _read_stream(streams.get("gaps"), blobs[0], path, f"{name}.gaps", 1 << bits, longest)
     _check(len(blobs[1]) == 4 * gaps.size, path, f"{name}: value bytes")
     values = np.frombuffer(blobs[1], dtype="<f4").astype(np.float32)
     try:
@@ -353,8 +381,8 @@ def _unorder(seq: np.ndarray, shape, layout: str) -> np.ndarray:
     return seq if order is None else _inverse_permute(seq, order)
 
 
-def read_nsz(path: str | Path) -> tuple[dict | None, dict[str, torch.Tensor]]:
-    """(architecture, tensors) of an ``.nsz`` file, every field checked."""
+def read_nsz_header(path: str | Path) -> tuple[dict, bytes]:
+    """(the checked JSON header, the payload) of an ``.nsz`` file; no tensor is decoded."""
     path = Path(path)
     if not path.is_file():
         raise NetslimError(f"compressed model not found: {path}")
@@ -365,18 +393,46 @@ def read_nsz(path: str | Path) -> tuple[dict | None, dict[str, torch.Tensor]]:
     (crc,) = struct.unpack("<I", data[-4:])
     _check(zlib.crc32(data[:-4]) & 0xFFFFFFFF == crc, path, "checksum mismatch: truncated or altered")
     (hlen,) = struct.unpack("<I", data[4:8])
-    _check(8 + hlen <= len(data) - 4, path, "header length")
-    try:
-        header = json.loads(data[8:8 + hlen].decode())
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise NetslimError(f"{path}: corrupt .nsz file (header is not JSON)") from None
+    _check(8 + hlen <= len(data) - 4 and hlen <= MAX_HEADER, path, "header length")
+    header = bounded_json(data[8:8 + hlen], str(path), ".nsz header")
     _check(isinstance(header, dict) and header.get("format") == "netslim-nsz", path, "format tag")
-    if header.get("version") != VERSION:
-        raise NetslimError(f"{path}: .nsz version {header.get('version')!r} not supported (this netslim reads {VERSION})")
+    _check(set(header) == {"format", "version", "arch", "tensors"}, path, "header fields")
+    version = header.get("version")
+    if not (isinstance(version, int) and not isinstance(version, bool) and version == VERSION):
+        raise NetslimError(f"{path}: .nsz version {str(version)[:40]!r} not supported (this netslim reads {VERSION})")
     entries = header.get("tensors")
-    _check(isinstance(entries, list), path, "tensor list")
-    payload = data[8 + hlen:-4]
-    tensors = dict(_decode_tensor(e, payload, path) for e in entries)
+    _check(isinstance(entries, list) and len(entries) <= MAX_TENSORS, path, "tensor list")
     arch = header.get("arch")
     _check(arch is None or isinstance(arch, dict), path, "arch")
-    return arch, tensors
+    total = 0
+    names = set()
+    for e in entries:
+        _check(isinstance(e, dict), path, "tensor entry")
+        shape = e.get("shape")
+        _check(isinstance(shape, list) and len(shape) <= 8 and all(
+            isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= MAX_ELEMENTS for s in shape),
+            path, f"{str(e.get('name'))[:80]}: shape")
+        total += math.prod(shape)
+        names.add(e.get("name") if isinstance(e.get("name"), str) else None)
+    _check(len(names) == len(entries) and None not in names, path, "tensor names (missing or repeated)")
+    _check(total <= MAX_TOTAL_ELEMENTS, path, f"{total} elements in all (at most {MAX_TOTAL_ELEMENTS})")
+    return header, data[8 + hlen:-4]
+
+
+def header_shapes(header: dict) -> dict[str, list[int]]:
+    """Tensor name -> shape, from a header :func:`read_nsz_header` checked."""
+    return {e["name"]: e["shape"] for e in header["tensors"]}
+
+
+def read_nsz(path: str | Path, expected: dict[str, tuple[int, ...]] | None = None,
+             header: tuple[dict, bytes] | None = None) -> tuple[dict | None, dict[str, torch.Tensor]]:
+    """(architecture, tensors) of an ``.nsz`` file, every field checked. With ``expected`` (name -> shape of
+    the model the tensors go into), names and shapes are compared before any tensor is decoded."""
+    header, payload = header if header is not None else read_nsz_header(path)
+    path = Path(path)
+    entries = header["tensors"]
+    if expected is not None:
+        missing = sorted(set(expected) - {e["name"] for e in entries})
+        _check(not missing, path, f"tensors missing: {', '.join(missing[:5])}")
+    tensors = dict(_decode_tensor(e, payload, path, expected) for e in entries)
+    return header.get("arch"), tensors

@@ -19,6 +19,7 @@ Every header field is bounds-checked on load; a truncated or altered file is ref
 from __future__ import annotations
 
 import json
+import math
 import struct
 import zlib
 from pathlib import Path
@@ -28,12 +29,15 @@ import torch
 from torch import nn
 
 from ..errors import NetslimError
-from ..io import atomic_write
+from ..io import atomic_write, bounded_json
 from .modules import weight_quantizers
 from .qspec import QuantSpec, dequantize, quantize_to_int
 
 MAGIC = b"NSQ1"
-MAX_ELEMENTS = 1 << 31
+MAX_ELEMENTS = 1 << 27          # elements of one tensor
+MAX_TOTAL_ELEMENTS = 1 << 28    # of all tensors
+MAX_HEADER = 1 << 24            # bytes of the decompressed header
+MAX_TENSORS = 1 << 16
 FLOAT_DTYPES = {"float32": np.float32, "float16": np.float16, "int32": np.int32, "bool": np.bool_}
 
 
@@ -109,6 +113,28 @@ def _check(cond: bool, path, what: str) -> None:
         raise NetslimError(f"{path}: corrupt .nsq file ({what})")
 
 
+def _is_int(v, lo: int, hi: int) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
+
+
+_RAW_KEYS = {"name", "kind", "dtype", "shape", "offset", "length", "as"}
+_CODE_KEYS = {"name", "kind", "shape", "bits", "symmetric", "per_channel", "narrow", "scale", "zero_point", "offset",
+              "length"}
+_WEIGHT = ".parametrizations.weight.original"
+
+
+def _header(data: bytes, path) -> dict:
+    """The zlib-compressed JSON header, decompressed to at most :data:`MAX_HEADER` bytes and parsed with bounds."""
+    d = zlib.decompressobj()
+    try:
+        text = d.decompress(data, MAX_HEADER + 1)
+    except zlib.error:
+        raise NetslimError(f"{path}: corrupt .nsq file (header is not zlib data)") from None
+    _check(len(text) <= MAX_HEADER and not d.unconsumed_tail, path, f"header larger than {MAX_HEADER} bytes")
+    _check(d.eof and not d.unused_data, path, "header length")
+    return bounded_json(text, str(path), ".nsq header")
+
+
 def read_quantized(path: str | Path) -> dict[str, torch.Tensor]:
     """The state_dict stored in an ``.nsq`` file (weights dequantized back onto their float grid)."""
     return read_nsq(path)[1]
@@ -116,65 +142,111 @@ def read_quantized(path: str | Path) -> dict[str, torch.Tensor]:
 
 def read_nsq(path: str | Path) -> tuple[dict | None, dict[str, torch.Tensor]]:
     """(the header's ``model`` record or None, the state_dict) of an ``.nsq`` file, every field checked."""
+    model, state, _ = read_nsq_specs(path)
+    return model, state
+
+
+def read_nsq_specs(path: str | Path) -> tuple[dict | None, dict[str, torch.Tensor], dict[str, QuantSpec]]:
+    """:func:`read_nsq` and the :class:`QuantSpec` of every quantized weight (by module name), for
+    :func:`check_specs`."""
     if not Path(path).is_file():
         raise NetslimError(f"quantized model not found: {path}")
-    data = Path(path).read_bytes()
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise NetslimError(f"cannot read {path}: {exc.strerror or type(exc).__name__}") from None
     _check(len(data) >= 12 and data[:4] == MAGIC, path, "bad magic or too short")
     _check(zlib.crc32(data[:-4]) == struct.unpack("<I", data[-4:])[0], path, "checksum mismatch")
     (hlen,) = struct.unpack("<I", data[4:8])
     _check(8 + hlen <= len(data) - 4, path, "header length")
-    try:
-        header = json.loads(zlib.decompress(data[8: 8 + hlen]))
-    except (ValueError, zlib.error):
-        raise NetslimError(f"{path}: corrupt .nsq file (header is not JSON)") from None
+    header = _header(data[8: 8 + hlen], path)
     payload = data[8 + hlen: -4]
-    _check(isinstance(header, dict) and isinstance(header.get("tensors"), list), path, "header layout")
-    raw, coded = {}, []
-    for e in header["tensors"]:
-        _check(isinstance(e, dict) and isinstance(e.get("name"), str), path, "tensor entry")
+    _check(isinstance(header, dict) and set(header) <= {"version", "tensors", "model"}, path, "header fields")
+    _check(_is_int(header.get("version"), 1, 1), path, "version (this netslim reads 1)")
+    entries = header.get("tensors")
+    _check(isinstance(entries, list) and len(entries) <= MAX_TENSORS, path, "tensor list")
+    raw, coded, names, total = {}, [], set(), 0
+    for i, e in enumerate(entries):
+        _check(isinstance(e, dict) and isinstance(e.get("name"), str) and 0 < len(e["name"]) <= 1024
+               and e["name"] not in names, path, f"tensors[{i}]: name missing or repeated")
+        name = e["name"]
+        names.add(name)
+        kind = e.get("kind")
+        _check(kind in ("raw", "codes") and set(e) <= (_RAW_KEYS if kind == "raw" else _CODE_KEYS)
+               and set(e) >= ({"dtype"} if kind == "raw" else _CODE_KEYS) | {"shape", "offset", "length"},
+               path, f"{name}: kind or fields")
         shape, off, length = e.get("shape"), e.get("offset"), e.get("length")
-        _check(isinstance(shape, list) and all(isinstance(s, int) and 0 <= s < MAX_ELEMENTS for s in shape),
-               path, f"shape of {e['name']}")
-        _check(isinstance(off, int) and isinstance(length, int) and 0 <= off and 0 <= length
-               and off + length <= len(payload), path, f"extent of {e['name']}")
-        count = int(np.prod(shape)) if shape else 1
-        _check(count < MAX_ELEMENTS, path, f"size of {e['name']}")
+        _check(isinstance(shape, list) and len(shape) <= 8 and all(_is_int(s, 0, MAX_ELEMENTS) for s in shape),
+               path, f"shape of {name}")
+        _check(_is_int(off, 0, len(payload)) and _is_int(length, 0, len(payload) - off), path, f"extent of {name}")
+        count = math.prod(shape)
+        total += count
+        _check(count <= MAX_ELEMENTS and total <= MAX_TOTAL_ELEMENTS, path, f"size of {name}")
         blob = payload[off: off + length]
-        if e.get("kind") == "raw":
-            _check(e.get("dtype") in FLOAT_DTYPES, path, f"dtype of {e['name']}")
+        if kind == "raw":
+            _check(isinstance(e["dtype"], str) and e["dtype"] in FLOAT_DTYPES, path, f"dtype of {name}")
             dtype = np.dtype(FLOAT_DTYPES[e["dtype"]])
-            _check(length == count * dtype.itemsize, path, f"length of {e['name']}")
+            _check(length == count * dtype.itemsize, path, f"length of {name}")
             arr = np.frombuffer(blob, dtype=dtype).copy().reshape(shape)
-            if e.get("as") is not None:
-                _check(e["as"] == "float32" and dtype == np.float16, path, f"widening of {e['name']}")
+            if "as" in e:
+                _check(e["as"] == "float32" and dtype == np.float16, path, f"{name}: widening")
                 arr = arr.astype(np.float32)
-            raw[e["name"]] = torch.from_numpy(arr)
+            raw[name] = torch.from_numpy(arr)
         else:
-            _check(e.get("kind") == "codes" and isinstance(e.get("bits"), int) and 2 <= e["bits"] <= 16,
-                   path, f"kind or bits of {e['name']}")
-            _check(length == packed_bytes(count, e["bits"]), path, f"length of {e['name']}")
+            _check(_is_int(e["bits"], 2, 16), path, f"bits of {name}")
+            for flag in ("symmetric", "per_channel", "narrow"):
+                _check(isinstance(e[flag], bool), path, f"{name}: {flag} must be true or false")
+            for ref in ("scale", "zero_point"):
+                _check(isinstance(e[ref], str) and 0 < len(e[ref]) <= 1024, path, f"{name}: {ref} must name a tensor")
+            _check(name.endswith(_WEIGHT) and len(shape) >= 1, path, f"{name}: not a quantized weight")
+            _check(length == packed_bytes(count, e["bits"]), path, f"length of {name}")
             coded.append((e, blob, count))
     state = dict(raw)
+    specs = {}
     for e, blob, count in coded:
-        spec = QuantSpec(e["bits"], symmetric=bool(e.get("symmetric", True)), per_channel=bool(e.get("per_channel")),
-                         narrow=bool(e.get("narrow", True)))
-        _check(e.get("scale") in raw, path, f"scale of {e['name']}")
-        scale = raw[e["scale"]]
+        name = e["name"]
+        spec = QuantSpec(e["bits"], symmetric=e["symmetric"], per_channel=e["per_channel"], narrow=e["narrow"])
+        scale = raw.get(e["scale"])
+        _check(scale is not None and scale.dtype == torch.float32, path, f"{name}: scale tensor {e['scale'][:80]!r}")
+        channels = e["shape"][0] if spec.per_channel else 1
+        _check(scale.numel() == channels and scale.dim() <= 1, path, f"{name}: scale shape")
+        _check(bool(torch.isfinite(scale).all() and (scale > 0).all()), path, f"{name}: scale values")
+        zp = e["zero_point"]
         if spec.symmetric:  # zero points of a symmetric grid are 0 and not stored
-            state[e["zero_point"]] = torch.zeros(scale.shape, dtype=torch.int32)
-        _check(e.get("zero_point") in state, path, f"zero point of {e['name']}")
-        _check(scale.numel() in (1, e["shape"][0] if e["shape"] else 1), path, f"scale shape of {e['name']}")
+            _check(zp not in raw, path, f"{name}: zero point stored for a symmetric grid")
+            state[zp] = torch.zeros(scale.shape, dtype=torch.int32)
+        else:
+            _check(zp in raw and raw[zp].dtype == torch.int32 and raw[zp].shape == scale.shape, path,
+                   f"{name}: zero point tensor {zp[:80]!r}")
+            _check(bool(((raw[zp] >= spec.qmin) & (raw[zp] <= spec.qmax)).all()), path, f"{name}: zero point values")
         codes = torch.from_numpy(unpack_codes(blob, spec.bits, spec.qmin, count).reshape(e["shape"]))
-        _check(bool(((codes >= spec.qmin) & (codes <= spec.qmax)).all()), path, f"codes of {e['name']}")
-        state[e["name"]] = dequantize(codes, scale, state[e["zero_point"]], spec)
+        _check(bool(((codes >= spec.qmin) & (codes <= spec.qmax)).all()), path, f"codes of {name}")
+        state[name] = dequantize(codes, scale, state[zp], spec)
+        specs[name[: -len(_WEIGHT)]] = spec
     model = header.get("model")
     _check(model is None or isinstance(model, dict), path, "model record")
-    return model, state
+    return model, state, specs
+
+
+def check_specs(model: nn.Module, specs: dict[str, QuantSpec], path) -> None:
+    """The file's quantized weights (``specs`` of :func:`read_nsq_specs`) are exactly ``model``'s weight quantizers,
+    with the same bits, symmetric, per_channel and narrow: a mismatch would silently shift the weights."""
+    quantizers = weight_quantizers(model)
+    if set(quantizers) != set(specs):
+        diff = sorted(set(quantizers) ^ set(specs))
+        raise NetslimError(f"{path} does not match the model: quantized weights differ ({', '.join(diff[:5])[:200]})")
+    for name, q in quantizers.items():
+        mine, theirs = q.spec, specs[name]
+        for field in ("bits", "symmetric", "per_channel", "narrow"):
+            if getattr(mine, field) != getattr(theirs, field):
+                raise NetslimError(f"{path}: bad field {field} of {name} = {getattr(theirs, field)!r} (the model's "
+                                   f"quantizer has {getattr(mine, field)!r})")
 
 
 def load_quantized_(model: nn.Module, path: str | Path) -> nn.Module:
     """Load an ``.nsq`` file into a model with the same quantized structure (missing or extra keys are errors)."""
-    state = read_quantized(path)
+    _, state, specs = read_nsq_specs(path)
+    check_specs(model, specs, path)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:

@@ -130,3 +130,39 @@ def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
         first = str(exc).split("\n")[1].strip() if "\n" in str(exc) else str(exc)
         raise NetslimError(f"weights {path} do not fit the model: {first}") from None
     return model
+
+
+#: the most tensor elements a model built from a file's reference may have
+MAX_FILE_MODEL_ELEMENTS = 1 << 28
+
+
+def estimate_elements(name: str, num_classes: int | None = None) -> int:
+    """Elements of the parameters and buffers of model ``name``, built on the meta device (nothing allocated)."""
+    import torch
+
+    s = spec(name)
+    kwargs = {} if num_classes is None else {"num_classes": num_classes}
+    try:
+        with torch.device("meta"):
+            model = s.build(**kwargs)
+    except NetslimError:
+        raise
+    except Exception as exc:  # a builder refusing its arguments
+        lines = [ln for ln in str(exc).splitlines() if ln.strip()]
+        raise NetslimError(f"cannot build {name!r} with num_classes={num_classes!r}: {type(exc).__name__}"
+                           f"{': ' + lines[0][:200] if lines else ''}") from None
+    return sum(int(t.numel()) for t in model.state_dict().values())
+
+
+def check_file_model(name: str, num_classes: int | None, source: str, max_elements: int) -> None:
+    """Refuse, before building it, a model named by a file that is larger than ``max_elements`` (what the file's
+    tensors can justify) or than :data:`MAX_FILE_MODEL_ELEMENTS`; ``num_classes`` must be null or 1..2**24."""
+    if not (num_classes is None or (isinstance(num_classes, int) and not isinstance(num_classes, bool)
+                                    and 1 <= num_classes <= 1 << 24)):
+        raise NetslimError(f"{source}: bad field num_classes = {str(num_classes)[:40]} (must be null or an integer "
+                           f"in 1..{1 << 24})")
+    size = estimate_elements(name, num_classes)
+    limit = min(max_elements, MAX_FILE_MODEL_ELEMENTS)
+    if size > limit:
+        raise NetslimError(f"{source}: bad field arch = {name[:80]!r} with num_classes={num_classes}: that model has "
+                           f"{size:,} elements, more than the file's tensors can fill (at most {limit:,})")

@@ -36,12 +36,14 @@ def apply_structure_(model: nn.Module, structure: dict) -> nn.Module:
     modules = dict(model.named_modules())
     current = model.state_dict()
     touched = set()
+    if len(structure["shapes"]) > 1 << 16 or len(structure.get("groups", {})) > 1 << 16:
+        raise NetslimError("pruned-model structure records too many tensors")
     for key, shape in structure["shapes"].items():
         if key not in current:
             raise NetslimError(f"pruned-model structure names {key!r}, which this architecture does not have")
         old = current[key]
         if not (isinstance(shape, list) and len(shape) == old.dim()
-                and all(isinstance(s, int) and 0 < s <= o for s, o in zip(shape, old.shape))):
+                and all(isinstance(s, int) and not isinstance(s, bool) and 0 < s <= o for s, o in zip(shape, old.shape))):
             raise NetslimError(f"bad shape for {key}: {shape!r} (original {list(old.shape)}; a layer can only shrink)")
         if list(old.shape) != shape:
             mname, _, pname = key.rpartition(".")
@@ -49,8 +51,8 @@ def apply_structure_(model: nn.Module, structure: dict) -> nn.Module:
             touched.add(mname)
     for mname, groups in structure.get("groups", {}).items():
         module = modules.get(mname)
-        if not isinstance(module, nn.modules.conv._ConvNd) or not isinstance(groups, int) or groups < 1 \
-                or module.weight.shape[0] % groups:
+        if not isinstance(module, nn.modules.conv._ConvNd) or not isinstance(groups, int) \
+                or isinstance(groups, bool) or groups < 1 or module.weight.shape[0] % groups:
             raise NetslimError(f"bad groups for {mname}: {groups!r}")
         if groups != module.groups:
             module.groups = groups
@@ -65,8 +67,11 @@ def save_pruned(model: nn.Module, path: str | Path, arch: str, num_classes: int 
 
     The ``netslim-pruned-v1`` format only holds layers that shrank; :func:`netslim.save` writes the
     general ``netslim-model-v1`` (low-rank factors too), which :func:`load_pruned` reads as well."""
+    from ...saving import digest
+
     payload = {"format": FORMAT, "arch": arch, "num_classes": num_classes,
                "structure": structure_of(model), "state_dict": model.state_dict()}
+    payload["sha256"] = digest(payload)
     return save_torch(payload, path)
 
 
