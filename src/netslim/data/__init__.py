@@ -98,7 +98,23 @@ def _folder_dataset(root: Path, split: str, augment: bool) -> Dataset:
                                  transforms.ToTensor(), norm])
     else:
         tf = transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224), transforms.ToTensor(), norm])
-    return datasets.ImageFolder(str(path), transform=tf)
+    try:
+        return datasets.ImageFolder(str(path), transform=tf, loader=_checked_image_loader)
+    except (FileNotFoundError, OSError) as exc:  # no class folders, or no image files in them
+        raise NetslimError(f"{path} is not an ImageFolder of class subfolders with images: "
+                           f"{(str(exc).splitlines() or [type(exc).__name__])[0]}") from None
+
+
+def _checked_image_loader(path: str):
+    """PIL's loader, with a file that is not a readable image reported as one :class:`NetslimError`."""
+    from PIL import Image
+
+    try:
+        with open(path, "rb") as f:
+            img = Image.open(f)
+            return img.convert("RGB")
+    except Exception as exc:  # UnidentifiedImageError, truncated file, decompression bomb, ...
+        raise NetslimError(f"{path} is not a readable image ({type(exc).__name__})") from None
 
 
 def is_folder_dataset(name: str) -> bool:

@@ -10,6 +10,7 @@ import hashlib
 import io
 import os
 import tarfile
+from zlib import error as zlib_error
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -85,18 +86,37 @@ def _decode_cifar_jpeg_tar(tar_path: Path) -> dict[str, RawSplit]:
 
     index = {c: i for i, c in enumerate(CIFAR10_CLASSES)}
     found: dict[str, list[tuple[str, int, np.ndarray]]] = {"train": [], "test": []}
-    with tarfile.open(tar_path, "r:gz") as tar:
-        for member in tqdm(tar, desc=f"decoding {tar_path.name} (once)", unit=" files", mininterval=2):
-            if not member.isfile() or not member.name.lower().endswith((".jpg", ".jpeg")):
-                continue
-            parts = Path(member.name).parts
-            if len(parts) < 3 or parts[-3] not in found or parts[-2] not in index:
-                continue
-            data = tar.extractfile(member).read()
-            img = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.uint8)
-            if img.shape != (32, 32, 3):
-                raise NetslimError(f"{tar_path}:{member.name} is {img.shape}, expected 32x32 RGB")
-            found[parts[-3]].append((member.name, index[parts[-2]], img))
+    member = None
+    try:
+        with tarfile.open(tar_path, "r:gz") as tar:
+            for member in tqdm(tar, desc=f"decoding {tar_path.name} (once)", unit=" files", mininterval=2,
+                               disable=None):
+                if not member.isfile() or not member.name.lower().endswith((".jpg", ".jpeg")):
+                    continue
+                parts = Path(member.name).parts
+                if len(parts) < 3 or parts[-3] not in found or parts[-2] not in index:
+                    continue
+                data = tar.extractfile(member).read()
+                if len(data) > 1 << 20:
+                    raise NetslimError(f"{tar_path}:{member.name} is {len(data):,} bytes, not a 32x32 JPEG")
+                try:
+                    with Image.open(io.BytesIO(data)) as im:
+                        if im.size != (32, 32):
+                            raise NetslimError(f"{tar_path}:{member.name} is {im.size[0]}x{im.size[1]}, "
+                                               "expected 32x32 RGB")
+                        img = np.asarray(im.convert("RGB"), dtype=np.uint8)
+                except NetslimError:
+                    raise
+                except Exception as exc:  # UnidentifiedImageError, truncated data, decoder errors
+                    raise NetslimError(f"{tar_path}:{member.name} is not a readable JPEG "
+                                       f"({type(exc).__name__})") from None
+                if img.shape != (32, 32, 3):
+                    raise NetslimError(f"{tar_path}:{member.name} is {img.shape}, expected 32x32 RGB")
+                found[parts[-3]].append((member.name, index[parts[-2]], img))
+    except (tarfile.TarError, EOFError, OSError, zlib_error) as exc:
+        where = f" after {member.name}" if member is not None else ""
+        raise NetslimError(f"{tar_path} is damaged or truncated{where} ({type(exc).__name__}); "
+                           "download it again") from None
     out = {}
     for split, items in found.items():
         if not items:

@@ -136,7 +136,7 @@ def parse_stages(items: Any) -> list[StageSpec]:
 
 
 MAX_RECIPE_BYTES = 1 << 20  # 1 MiB: recipes are a few hundred bytes
-MAX_RECIPE_NODES = 100_000  # YAML nodes after expanding every alias (billion laughs)
+MAX_RECIPE_NODES = 20_000  # YAML values after expanding every alias (billion laughs); a recipe holds ~100
 MAX_RECIPE_DEPTH = 64
 
 
@@ -144,6 +144,15 @@ class _BoundedLoader(yaml.SafeLoader):
     """``yaml.SafeLoader`` that refuses documents whose composed graph, with every alias expanded, holds more
     than ``MAX_RECIPE_NODES`` nodes or nests deeper than ``MAX_RECIPE_DEPTH`` (checked before any Python
     object is built, so an expansion bomb costs nothing)."""
+
+    _composed = 0
+
+    def compose_node(self, parent, index):
+        self._composed += 1  # counted while parsing, so a long list stops here, not after it is all read
+        if self._composed > MAX_RECIPE_NODES:
+            raise NetslimError(f"recipe expands to more than {MAX_RECIPE_NODES:,} YAML values (aliases or long "
+                               "lists); a recipe is a short list of stages")
+        return super().compose_node(parent, index)
 
     def get_single_node(self):
         node = super().get_single_node()

@@ -35,6 +35,13 @@ class AGPHook(TrainHook):
     def on_train_start(self, model: nn.Module, optimizer) -> None:
         apply_masks_(model, self.make_masks(model, self.initial))
 
+    def state_dict(self) -> dict:
+        return {"step": self.step, "current": self.current}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume the schedule: the masks themselves come back with the model's state_dict."""
+        self.step, self.current = int(state.get("step", 0)), float(state.get("current", self.initial))
+
     def after_step(self, model: nn.Module) -> None:
         self.step += 1
         if self.step % self.frequency == 0 or self.step == self.ramp_steps:

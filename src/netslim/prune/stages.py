@@ -114,7 +114,8 @@ def prune(ctx: StageContext, cfg: PruneConfig) -> nn.Module:
         tc = cfg.train_config
         steps = tc.epochs * (tc.max_steps_per_epoch or max(1, len(ctx.data.train) // tc.batch_size))
         hook = AGPHook(lambda m, s: _masks(m, cfg, s, plan), 0.0, cfg.sparsity, steps, cfg.agp_frequency)
-        fit(ctx.model, ctx.data.train, tc, hooks=[hook], device=ctx.device, progress=ctx.progress)
+        fit(ctx.model, ctx.data.train, tc, hooks=[hook], device=ctx.device, progress=ctx.progress,
+            checkpoint_path=ctx.stage_dir / "train.ckpt")
     layers = prunable_layers(ctx.model, tuple(cfg.exclude))
     sparsities = {n: float((m.weight == 0).float().mean()) for n, m in layers.items()}
     summary = "Per-layer sparsity: " + ", ".join(f"{n} {s:.1%}" for n, s in sparsities.items())

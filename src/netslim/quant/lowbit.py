@@ -13,6 +13,8 @@ pass sees its low-bit image, and the gradient goes straight through (Bengio et a
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import math
 from typing import Sequence
 
@@ -227,15 +229,19 @@ class INQ(TrainHook):
 def inq_train(model: nn.Module, train_data: Dataset | DataLoader, config: TrainConfig, bits: int = 5,
               portions: Sequence[float] = (0.5, 0.75, 0.875, 1.0), exclude: tuple[str, ...] = (),
               hooks: Sequence[TrainHook] = (), device: str | torch.device | None = None,
-              progress: bool = False) -> nn.Module:
+              progress: bool = False, checkpoint_dir: str | Path | None = None) -> nn.Module:
     """INQ (Zhou et al. 2017) of every conv / linear weight: for each portion, quantize and freeze it, then
     re-train the rest with one :func:`fit` of ``config.epochs`` epochs (skipped once nothing is left to train).
-    At the end every such weight is 0 or ±2^n with n in [n2, n1]."""
+    At the end every such weight is 0 or ±2^n with n in [n2, n1]. With ``checkpoint_dir``, each portion's
+    training writes ``inqN.ckpt`` there per epoch and a restarted call resumes it (freezing is deterministic
+    given the weights, so the portions already trained are replayed from their checkpoints without training)."""
     inq = INQ(bits, portions, exclude=exclude)
     while not inq.done:
         inq.advance(model)
         if inq.frozen_fraction() < 1.0 and config.epochs > 0:
-            fit(model, train_data, config, hooks=[inq, *hooks], device=device, progress=progress)
+            ckpt = None if checkpoint_dir is None else Path(checkpoint_dir) / f"inq{inq.step}.ckpt"
+            fit(model, train_data, config, hooks=[inq, *hooks], device=device, progress=progress,
+                checkpoint_path=ckpt)
     return model
 
 

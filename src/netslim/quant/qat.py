@@ -50,15 +50,18 @@ class PactPenalty(TrainHook):
 
 def quantization_aware_training(model: nn.Module, train_data, config: TrainConfig | None = None,
                                 learn: str = "ste", hooks: Iterable[TrainHook] = (), device=None,
-                                progress: bool = True) -> nn.Module:
+                                progress: bool = True, checkpoint_path=None) -> nn.Module:
     """Fine-tune a quantized ``model`` (from :func:`netslim.quant.quantize`, already calibrated) in place
     with fake quantization in the forward pass; returns it in ``quantize`` mode. ``learn``: ``ste`` (the
-    default, as in the ``quantize`` stage: steps fixed), ``lsq`` or ``pact`` (see :data:`LEARNERS`)."""
+    default, as in the ``quantize`` stage: steps fixed), ``lsq`` or ``pact`` (see :data:`LEARNERS`).
+    With ``checkpoint_path`` the training writes a per-epoch checkpoint there and a restarted call resumes
+    it (the quantizers' steps and zero points are part of the model's state_dict)."""
     config = config or TrainConfig(epochs=1, lr=1e-3, amp=False)
     set_mode(model, "quantize")
     make_learnable_(model, learn)
     extra = [PactPenalty(model, config.weight_decay)] if learn == "pact" else []
-    fit(model, train_data, config, hooks=[*extra, *hooks], device=device, progress=progress)
+    fit(model, train_data, config, hooks=[*extra, *hooks], device=device, progress=progress,
+        checkpoint_path=checkpoint_path)
     for m in model.modules():
         if isinstance(m, (ActQuant, WeightQuant)):
             # a step trained through zero is the same grid mirrored: (q - z) s == (q' - z') |s| with

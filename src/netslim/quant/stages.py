@@ -106,7 +106,7 @@ def quantize(ctx: StageContext, cfg: QuantizeConfig) -> nn.Module:
     if cfg.method == "inq":
         from .lowbit import inq_train
         inq_train(ctx.model, ctx.data.train, TrainConfig(**cfg.train), bits=cfg.inq_bits, exclude=tuple(cfg.exclude),
-                  device=ctx.device, progress=ctx.progress)
+                  device=ctx.device, progress=ctx.progress, checkpoint_dir=ctx.stage_dir)
         ctx.artifacts["notes"] = f"INQ: every weight a power of two or zero ({cfg.inq_bits} bits)."
         return ctx.model
     return _ptq(ctx, cfg)

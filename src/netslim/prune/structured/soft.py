@@ -56,6 +56,16 @@ class SoftFilterPruning(TrainHook):
         self.chosen = self.choose(model)
         zero_groups_(model, self.graph, self.chosen)
 
+    def state_dict(self) -> dict:
+        return {"chosen": sorted(int(g) for g in self.chosen), "ratio": float(self.ratio)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """After a resume, the groups chosen at the last finished epoch (not those of the untrained model)."""
+        if "chosen" in state:
+            self.chosen = {int(g) for g in state["chosen"]}
+        if "ratio" in state:
+            self.ratio = float(state["ratio"])
+
     def finalize(self, model: nn.Module) -> nn.Module:
         """Remove the groups chosen last (call after training)."""
         zero_groups_(model, self.graph, self.chosen)

@@ -96,12 +96,15 @@ def _iterative(ctx: StageContext, cfg: ChannelPruneConfig) -> nn.Module:
     """``steps`` rounds, each removing an equal share (geometrically) of the goal, then fine-tuning."""
     parsed = parse_target(cfg.target, TARGET_METRICS)
     model = ctx.model
-    for _ in range(cfg.steps):
+    for i in range(cfg.steps):
         if parsed is not None:
             model = _prune(model, ctx, cfg, parsed.root(cfg.steps), cfg.ratio)
         else:
             model = _prune(model, ctx, cfg, None, 1 - (1 - cfg.ratio) ** (1 / cfg.steps))
-        fit(model, ctx.data.train, cfg.train_config, device=ctx.device, progress=ctx.progress)
+        # one checkpoint per round: pruning is deterministic, so a restarted stage prunes to the same structure
+        # and its round's fine-tuning resumes per epoch (a finished round reloads its weights without training)
+        fit(model, ctx.data.train, cfg.train_config, device=ctx.device, progress=ctx.progress,
+            checkpoint_path=ctx.stage_dir / f"round{i + 1}.ckpt")
     return model
 
 
