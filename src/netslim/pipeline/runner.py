@@ -196,10 +196,10 @@ def run_stages(recipe: Recipe, make_inputs: Callable[[], RunInputs], run_dir: st
     try:
         if restart:
             _clear_run_dir(run_dir)
-        remove_stale_temps(run_dir)
         (run_dir / "stages").mkdir(parents=True, exist_ok=True)
         handler = _attach_log(run_dir)
         try:
+            remove_stale_temps(run_dir)
             state = _read_state(run_dir, recipe)
             return _run(recipe, make_inputs(), state, run_dir, progress)
         finally:
