@@ -44,6 +44,8 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 ENCODINGS = ("raw", "shared_dense", "shared_sparse", "float_sparse")
 MAX_ELEMENTS = 1 << 27          # elements of one tensor
 MAX_TOTAL_ELEMENTS = 1 << 28    # elements of all tensors of one file
+ELEMENTS_PER_BYTE = 256
+MIN_ELEMENTS = 1 << 22
 MAX_HEADER = 1 << 24            # bytes of the JSON header
 MAX_TENSORS = 1 << 16
 MAX_CODEBOOK = 1 << 16
@@ -415,7 +417,10 @@ def read_nsz_header(path: str | Path) -> tuple[dict, bytes]:
         total += math.prod(shape)
         names.add(e.get("name") if isinstance(e.get("name"), str) else None)
     _check(len(names) == len(entries) and None not in names, path, "tensor names (missing or repeated)")
-    _check(total <= MAX_TOTAL_ELEMENTS, path, f"{total} elements in all (at most {MAX_TOTAL_ELEMENTS})")
+    # a stream may code many elements in few bytes (a constant one in none), but a file claims at most
+    # ELEMENTS_PER_BYTE elements per byte of its size (MIN_ELEMENTS for a small file), MAX_TOTAL_ELEMENTS in all
+    limit = min(MAX_TOTAL_ELEMENTS, max(MIN_ELEMENTS, ELEMENTS_PER_BYTE * len(data)))
+    _check(total <= limit, path, f"{total:,} elements claimed by a file of {len(data):,} bytes (at most {limit:,})")
     return header, data[8 + hlen:-4]
 
 
