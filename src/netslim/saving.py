@@ -12,7 +12,10 @@
   Loading replays :func:`netslim.quant.ptq.prepare` + ``quantize_weights_`` on the rebuilt float model
   (:func:`netslim.quant.ptq.rebuild_quantized`), then loads the packed state.
 * anything else (``.pt``): ``torch.save`` of plain containers, read back with ``weights_only=True``:
-  ``{"format": "netslim-model-v1", "arch", "num_classes", "structure", "state_dict"}``.
+  ``{"format": "netslim-model-v1", "arch", "num_classes", "structure", "state_dict", "sha256"}``. ``sha256``
+  (:func:`digest`) covers the other fields and every tensor's bytes; ``torch.load`` does not verify the zip's
+  CRCs, so it is what catches a changed byte. A file without it (written before it existed) loads with a
+  warning; a file whose digest differs is refused.
 
 No format holds pickled code. ``arch`` is a model reference as :func:`netslim.zoo.get` takes it (a zoo
 name, ``torchvision:<name>``, ``timm:<name>``, ``path/to/file.py:factory``, ``package.module:factory``);
@@ -30,6 +33,13 @@ tensors strictly. The format is recognised by the file's first bytes, not by its
 back is checked (integers are integers and not booleans, sizes positive and no larger than the largest
 dimension of the file's tensors, no module with more parameters than the file holds); a bad field is a
 :class:`~netslim.errors.NetslimError` naming the file and the field.
+
+A file's claims are bounded before anything is allocated: ``arch`` with ``num_classes`` is sized on the meta
+device first and refused when larger than 64x the file's tensors plus 4 M elements (at most 2**28); the
+tensors' names and shapes are compared with the rebuilt model before an ``.nsz`` tensor is decoded; a
+recorded structure is run once on the meta device (at the architecture's input size) so that channel counts
+or ``groups`` that do not fit together are refused at load; an ``.nsq`` file's quantizer flags (bits,
+symmetric, per_channel, narrow) must equal those of the model rebuilt from its record.
 
 Old files stay loadable: ``.nsz`` files without ``structure``, ``.nsq`` files without a ``model`` record
 (into the quantized model given as ``model=``), and ``netslim-pruned-v1`` files of
@@ -69,7 +79,8 @@ MAX_RECORDS = 1 << 16          # recorded modules
 MAX_NAME = 1024
 MAX_ARCH = 4096
 MAX_CLASSES = 1 << 24
-MAX_INPUT_ELEMENTS = 1 << 26   # the zeros input the quantized graph is traced with on load
+MAX_INPUT_ELEMENTS = 1 << 26   # the example input recorded in an .nsq file ...
+MAX_SAMPLE_ELEMENTS = 1 << 22  # ... of which one sample (4 M elements at most) is traced on load
 FILE_MODEL_FACTOR = 64         # a file's arch may build a model of at most 64x its tensors' elements ...
 FILE_MODEL_SLACK = 1 << 22     # ... plus 4 M elements (pruning removes channels, biases, whole layers)
 _CHILD_NAME = re.compile(r"^[A-Za-z0-9_]{1,128}$")
@@ -575,9 +586,9 @@ def _quant_fields(quant: Any, source: str) -> tuple[Any, list[int], str]:
     config = _quant_config(quant["config"], source)
     shape = quant["input_shape"]
     if not (isinstance(shape, list) and 1 <= len(shape) <= 8 and all(_is_int(s, 1, MAX_INPUT_ELEMENTS) for s in shape)
-            and math.prod(shape) <= MAX_INPUT_ELEMENTS):
+            and math.prod(shape) <= MAX_INPUT_ELEMENTS and math.prod(shape[1:]) <= MAX_SAMPLE_ELEMENTS):
         raise NetslimError(f"{source}: bad field quant.input_shape = {str(shape)[:80]} (must be 1..8 positive integers, "
-                           f"at most {MAX_INPUT_ELEMENTS:,} elements)")
+                           f"at most {MAX_INPUT_ELEMENTS:,} elements, {MAX_SAMPLE_ELEMENTS:,} per sample)")
     if quant["learn"] not in LEARNERS:
         raise NetslimError(f"{source}: bad field quant.learn = {str(quant['learn'])[:40]!r} "
                            f"(must be one of {', '.join(LEARNERS)})")
@@ -620,7 +631,7 @@ def _load_nsq(path: Path, model: nn.Module | None) -> nn.Module:
     config, shape, learn = _quant_fields(info["quant"], source)
     float_model = _rebuilt(source, info["arch"], info["num_classes"], info["structure"], state, model)
     try:
-        qmodel = _replay(float_model.cpu().eval(), shape, config, learn)
+        qmodel = _replay(float_model.cpu().eval(), [1, *shape[1:]], config, learn)  # one sample is enough
     except NetslimError:
         raise
     except Exception as exc:  # the recorded model does not trace or quantize
