@@ -18,7 +18,15 @@ Tensor encodings (the smallest is chosen per tensor):
 * ``float_sparse``   gaps as above + the non-zero values raw (pruned but not shared).
 
 Every field is bounds-checked on load; a truncated or bit-flipped file fails the CRC or a
-check with a :class:`~netslim.errors.NetslimError`, never a crash or a silently wrong model.
+check with a :class:`~netslim.errors.NetslimError`, never a crash or a silently wrong model. Claims
+are bounded by what the file holds before anything is allocated: the header (at most 16 MiB of JSON,
+nested at most 64 deep, integers within 2**53, no NaN) and every field's type (a bool is not an
+integer) are checked first; a tensor has at most 2**27 elements and a file claims at most 256
+elements per byte of its size (4 M for a small file, 2**28 in all); a Huffman stream at most 8
+symbols per payload byte, an ANS stream's counts must add up to its length and its payload hold
+their entropy, and the stream must be consumed exactly; a constant stream has no payload. With
+``expected`` (:func:`netslim.load` passes the rebuilt model's tensors) names and shapes are compared
+before any tensor is decoded.
 """
 from __future__ import annotations
 
