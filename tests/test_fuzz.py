@@ -59,7 +59,7 @@ def _rewrite(data: bytes, doc_or_text, compressed: bool) -> bytes:
     return fuzz._join(magic, zlib.compress(text) if compressed else text, payload)
 
 
-def _refused(data: bytes, path: Path, match: str = "", seconds: float = PER_CASE_S) -> NetslimError:
+def _refused(data: bytes, path: Path, match: str | None = None, seconds: float = PER_CASE_S) -> NetslimError:
     path.write_bytes(data)
     t = time.perf_counter()
     with pytest.raises(NetslimError, match=match) as err:
