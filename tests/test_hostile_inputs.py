@@ -433,3 +433,18 @@ def test_sigkill_inside_a_training_prune_stage_resumes_from_its_last_epoch(tiny:
     assert [m["stage"] for m in metrics] == ["baseline", "prune"]
     sparsity = 1 - metrics[-1]["nonzero_params"] / metrics[-1]["params"]
     assert sparsity > 0.7  # the AGP schedule went on from where it was, to its final sparsity
+
+
+def test_netslim_compress_checks_its_arguments_before_any_work(tmp_path: Path):
+    import netslim
+    from torch.utils.data import TensorDataset
+
+    data = TensorDataset(torch.randn(8, 1, 8, 8), torch.randint(0, 4, (8,)))
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 4))
+    bad = [({"seed": "x"}, "seed"), ({"test_limit": -5}, "test_limit"), ({"device": "foo"}, "'foo'"),
+           ({"latency_batch_sizes": [0]}, "latency_batch_sizes")]
+    for kwargs, needle in bad:
+        with pytest.raises(NetslimError, match=needle):
+            netslim.compress(model, ["prune"], train_data=data, eval_data=data, out=tmp_path / "run", progress=False,
+                             **kwargs)
+    assert not (tmp_path / "run").exists()

@@ -26,7 +26,7 @@ from ..errors import NetslimError
 from ..surgery import safe_deepcopy
 from ..train import check_device, default_device, seed_everything
 from .databundle import DatasetBundle
-from .recipe import Recipe, load_recipe, parse_stages
+from .recipe import Recipe, _check_top_level_types, load_recipe, parse_stages
 from .report import stage_table
 from .runner import RunInputs, first_input, inputs_from_recipe, run_stages, validate_inputs
 
@@ -63,6 +63,16 @@ def _described(data: Any) -> str:
     return "none" if data is None else f"{type(data).__module__}.{type(data).__qualname__}[{len(data)}]"
 
 
+def _batch_sizes(values: Sequence[int]) -> list[int]:
+    try:
+        sizes = [int(b) for b in values]
+    except (TypeError, ValueError):
+        raise NetslimError(f"latency_batch_sizes must be a list of positive integers, got {values!r}") from None
+    if not sizes or any(b < 1 for b in sizes) or any(isinstance(b, bool) for b in values):
+        raise NetslimError(f"latency_batch_sizes must be a list of positive integers, got {values!r}")
+    return sizes
+
+
 def compress(model: nn.Module | str, stages: str | Path | Recipe | Sequence[Any], *, train_data: Any = None,
              eval_data: Any = None, calib_data: Any = None, example_input: torch.Tensor | None = None,
              metric: Callable[[nn.Module, Any], float] | None = None, out: str | Path = "runs/compress",
@@ -84,7 +94,9 @@ def compress(model: nn.Module | str, stages: str | Path | Recipe | Sequence[Any]
     recipe = _recipe_from(stages)
     overrides = {"device": None if device is None else str(device), "seed": seed, "test_limit": test_limit,
                  "calib_size": calib_size,
-                 "latency_batch_sizes": None if latency_batch_sizes is None else [int(b) for b in latency_batch_sizes]}
+                 "latency_batch_sizes": None if latency_batch_sizes is None else _batch_sizes(latency_batch_sizes)}
+    _check_top_level_types({k: v for k, v in overrides.items() if k in ("seed", "test_limit", "calib_size")},
+                           required=())
     for key, value in overrides.items():
         if value is not None:
             setattr(recipe, key, value)

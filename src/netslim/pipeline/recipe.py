@@ -115,10 +115,10 @@ _TOP_LEVEL_TYPES = {"name": str, "model": str, "weights": str, "data": str, "dat
                     "device": str, "seed": int, "test_limit": int, "calib_size": int}
 
 
-def _check_top_level_types(fields: dict[str, Any]) -> None:
+def _check_top_level_types(fields: dict[str, Any], required: tuple[str, ...] = ("model", "data")) -> None:
     for key, kind in _TOP_LEVEL_TYPES.items():
         value = fields.get(key)
-        if value is None and key not in ("model", "data"):
+        if value is None and key not in required:
             continue
         if not isinstance(value, kind) or isinstance(value, bool):
             raise NetslimError(f"recipe key {key!r} must be {'an integer' if kind is int else 'a string'}, "
