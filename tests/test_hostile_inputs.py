@@ -175,6 +175,16 @@ def _read_only_run_dir(tmp: Path):
     return ["compress", str(_recipe(tmp)), "--out", str(ro)]
 
 
+def _out_under_a_file(tmp: Path):
+    (tmp / "afile").write_text("x")
+    return ["compress", str(_recipe(tmp)), "--out", str(tmp / "afile" / "run")]
+
+
+def _train_out_under_a_file(tmp: Path):
+    (tmp / "afile").write_text("x")
+    return ["train", "--model", "lenet300", "--data", "mnist", "--out", str(tmp / "afile" / "w.pt")]
+
+
 def _pickle_training_checkpoint(tmp: Path):
     import pickle
 
@@ -266,6 +276,8 @@ BAD = {
     "huge_recipe": (_huge_file, ["larger than"]),
     "compress_out_is_file": (_out_is_file, ["is a file"]),
     "train_out_is_dir": (_train_out_is_dir, ["is a directory"]),
+    "compress_out_under_a_file": (_out_under_a_file, ["cannot create run directory"]),
+    "train_out_under_a_file": (_train_out_under_a_file, ["is a file, not a directory"]),
     "read_only_parent": (_read_only_out, ["cannot create run directory"]),
     "read_only_run_dir": (_read_only_run_dir, ["not writable"]),
     "pickle_as_training_checkpoint": (_pickle_training_checkpoint, ["not a netslim training checkpoint"]),
