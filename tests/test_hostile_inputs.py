@@ -460,3 +460,17 @@ def test_netslim_compress_checks_its_arguments_before_any_work(tmp_path: Path):
             netslim.compress(model, ["prune"], train_data=data, eval_data=data, out=tmp_path / "run", progress=False,
                              **kwargs)
     assert not (tmp_path / "run").exists()
+
+
+def test_lock_without_flock_uses_an_exclusive_file_and_recognises_a_stale_one(tmp_path: Path, monkeypatch):
+    from netslim.pipeline.runner import RunLock
+
+    monkeypatch.setitem(sys.modules, "fcntl", None)  # as on a system without flock
+    (tmp_path / ".netslim.lock").write_text(json.dumps({"pid": 2 ** 22 + 12345, "host": "h"}))  # a dead PID
+    lock = RunLock(tmp_path)
+    lock.acquire()
+    assert json.loads((tmp_path / ".netslim.lock").read_text())["pid"] == os.getpid()
+    with pytest.raises(NetslimError, match=f"PID {os.getpid()}"):
+        RunLock(tmp_path).acquire()
+    lock.release()
+    assert not (tmp_path / ".netslim.lock").exists()

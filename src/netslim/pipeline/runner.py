@@ -222,8 +222,10 @@ class RunLock:
         self._fd: int | None = None
 
     def acquire(self) -> None:
-        import fcntl
-
+        try:
+            import fcntl
+        except ImportError:  # no flock (Windows): an O_EXCL lock file, stale when its PID is gone
+            return self._acquire_exclusive()
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -240,6 +242,33 @@ class RunLock:
         os.fsync(fd)
         self._fd = fd
 
+    def _acquire_exclusive(self) -> None:
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                pid = self._holder_pid()
+                if pid is not None and pid != os.getpid() and _pid_alive(pid):
+                    raise NetslimError(f"run directory {self.path.parent} is in use by another netslim run "
+                                       f"({self._holder()}); wait for it to finish or choose another --out/out=") \
+                        from None
+                if pid == os.getpid():
+                    raise NetslimError(f"run directory {self.path.parent} is in use by another netslim run "
+                                       f"({self._holder()}); wait for it to finish or choose another --out/out=")
+                self.path.unlink(missing_ok=True)  # stale: its holder was killed
+                continue
+            os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}).encode())
+            os.close(fd)
+            self._exclusive = True
+            return
+        raise NetslimError(f"cannot lock run directory {self.path.parent}")
+
+    def _holder_pid(self) -> int | None:
+        try:
+            return int(json.loads(self.path.read_text())["pid"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
     def _holder(self) -> str:
         try:
             info = json.loads(self.path.read_text())
@@ -248,6 +277,10 @@ class RunLock:
             return "PID unknown"
 
     def release(self) -> None:
+        if getattr(self, "_exclusive", False):
+            self.path.unlink(missing_ok=True)
+            self._exclusive = False
+            return
         if self._fd is None:
             return
         import fcntl
@@ -258,6 +291,16 @@ class RunLock:
         finally:
             os.close(self._fd)
             self._fd = None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
 
 
 def _clear_run_dir(run_dir: Path) -> None:
