@@ -266,7 +266,7 @@ def _save_checkpoint(path: Path, model: nn.Module, optimizer, scaler, state: Tra
         "scaler": scaler.state_dict() if scaler is not None else None,
         "epoch": state.epoch, "history": state.history, "config": asdict(cfg),
         "rng": torch.get_rng_state(), "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "hooks": [h.state_dict() for h in hooks],
+        "hooks": [h.state_dict() if callable(getattr(h, "state_dict", None)) else {} for h in hooks],
     }, path)
 
 
@@ -289,7 +289,8 @@ def _load_checkpoint(path: Path, model: nn.Module, optimizer, scaler, hooks=()) 
             torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
         hook_states = ckpt.get("hooks") or []
         for h, hs in zip(hooks, hook_states):
-            h.load_state_dict(hs)
+            if hs and callable(getattr(h, "load_state_dict", None)):
+                h.load_state_dict(hs)
         return TrainState(epoch=int(ckpt["epoch"]), history=list(ckpt["history"]))
     except (RuntimeError, KeyError, ValueError, TypeError) as exc:
         first = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
