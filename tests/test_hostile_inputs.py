@@ -474,3 +474,29 @@ def test_lock_without_flock_uses_an_exclusive_file_and_recognises_a_stale_one(tm
         RunLock(tmp_path).acquire()
     lock.release()
     assert not (tmp_path / ".netslim.lock").exists()
+
+
+def test_inq_resumes_portion_by_portion_to_the_same_weights(tmp_path: Path, one_thread):
+    import shutil
+
+    from torch.utils.data import TensorDataset
+
+    from netslim.quant.lowbit import inq_train
+    from netslim.train import TrainConfig
+
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(64, 16, generator=g), torch.randint(0, 4, (64,), generator=g))
+
+    def model():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+
+    cfg = TrainConfig(epochs=2, lr=0.05, batch_size=16, amp=False)
+    whole = inq_train(model(), data, cfg, device="cpu", checkpoint_dir=tmp_path / "a")
+    ckpts = sorted((tmp_path / "a").glob("inq*.ckpt"))
+    assert len(ckpts) == 3  # portions 0.5, 0.75, 0.875 train; 1.0 freezes the rest
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    (tmp_path / "b" / ckpts[-1].name).unlink()  # killed during the last portion's training
+    resumed = inq_train(model(), data, cfg, device="cpu", checkpoint_dir=tmp_path / "b")
+    for (name, a), (_, b) in zip(whole.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), name
