@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import random
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -272,9 +273,15 @@ def _save_checkpoint(path: Path, model: nn.Module, optimizer, scaler, state: Tra
 
 def _load_checkpoint(path: Path, model: nn.Module, optimizer, scaler, hooks=()) -> TrainState:
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about unusual pickle protocols before refusing them
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # UnpicklingError, a truncated zip, a pickle that is not plain tensors
-        first = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+        import pickle
+
+        first = ("not a file of plain tensors; netslim never unpickles objects or code"
+                 if isinstance(exc, pickle.UnpicklingError) else
+                 (str(exc).splitlines() or [type(exc).__name__])[0][:200])
         raise NetslimError(f"{path} is not a netslim training checkpoint ({first}); delete it to start over") \
             from None
     if not isinstance(ckpt, dict) or not {"model", "optimizer", "epoch", "history", "rng"} <= set(ckpt):
