@@ -10,9 +10,19 @@ Layout of a run directory::
     metrics.json        the six ratios and raw measures after every stage
     report.md           a table of every stage
 
+    .netslim.lock       the run's lock: PID and host of the run holding it (empty when free)
+
 A restarted run replays the structure of the finished stages (``restore``), loads the last
 finished checkpoint and goes on with the next stage; a stage that was killed half-way
-resumes from its own checkpoint when it has one (``finetune`` does, per epoch).
+resumes from its own per-epoch checkpoint in ``stages/NN-name/``: ``finetune``, ``distill``,
+``prune`` with ``schedule: agp`` (the schedule's step count is saved with it), ``quantize``
+``method: inq`` (one checkpoint per portion), ``prune_channels`` with ``slimming_l1``, ``method:
+sfp`` or ``method: iterative`` (one checkpoint per round).
+
+One run at a time: :func:`run_stages` holds an exclusive lock on the run directory (``flock``,
+released by the kernel when the process dies, so a lock left by a SIGKILL is simply taken over);
+a second run is refused with the holder's PID. Temp files of atomic writes that a kill left
+behind (``.NAME.XXXX.tmp``) are removed on start.
 """
 from __future__ import annotations
 
