@@ -23,8 +23,8 @@ def test_demo_runs_end_to_end_and_ends_with_the_six_ratios(tmp_path):
     assert baseline["top1"] > 0.85  # briefly trained LeNet-5 on Fashion-MNIST
     assert final["stage"] == "export"
     ratios = final["ratios"]
-    assert ratios["r_c"] > 2.5 and ratios["r_A"] > 0.99  # structured pruning, distilled fine-tune
-    assert ratios["r_p"] > 10  # a third of the weights, 8 bits each
+    assert ratios["r_c"] > 1.5 and ratios["r_A"] > 0.99  # structured pruning, distilled fine-tune
+    assert ratios["r_p"] > 10  # a tenth of the weights (fc1 holds most of them)
     assert ratios["r_T_ort"] > 1.2  # the exported file is faster than the original in onnxruntime
     assert (tmp_path / "run" / "model.onnx").is_file() and "model.onnx" in proc.stdout
     assert (tmp_path / "cache" / "fashion_mnist_lenet5.pt").is_file()
