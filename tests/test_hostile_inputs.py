@@ -310,12 +310,41 @@ def _main_in_process(args: list[str], cwd: Path, monkeypatch, capsys) -> subproc
     return subprocess.CompletedProcess(args, rc, captured.out, captured.err)
 
 
+def _deny_writes_as_the_kernel_would_for_a_user(tmp: Path, monkeypatch) -> None:
+    """Root may write into a 0o555 folder, so as root the test makes the calls the run makes fail inside the
+    read-only folders exactly as they fail for any other user (EACCES from mkdir, W_OK denied by access)."""
+    import errno
+    import pathlib
+
+    read_only = [tmp / "ro", tmp / "rorun"]
+
+    def inside(path) -> bool:
+        path = Path(path).absolute()
+        return any(path == r or r in path.parents for r in read_only)
+
+    real_mkdir, real_access = pathlib.Path.mkdir, os.access
+
+    def mkdir(self, *args, **kwargs):
+        if inside(self) and not self.exists():
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    def access(path, mode, *args, **kwargs):
+        if inside(path) and mode & os.W_OK:
+            return False
+        return real_access(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, "mkdir", mkdir)
+    monkeypatch.setattr(os, "access", access)
+
+
 @pytest.mark.parametrize("case", sorted(BAD))
 def test_bad_input_is_one_clean_line(case: str, tiny: Path, monkeypatch, capsys):
-    if case.startswith("read_only") and os.geteuid() == 0:
-        pytest.skip("root writes into read-only folders")
     make, needles = BAD[case]
-    proc = _main_in_process(make(tiny), tiny, monkeypatch, capsys)
+    args = make(tiny)
+    if case.startswith("read_only") and os.geteuid() == 0:
+        _deny_writes_as_the_kernel_would_for_a_user(tiny, monkeypatch)
+    proc = _main_in_process(args, tiny, monkeypatch, capsys)
     _assert_one_clean_line(proc, *needles)
     assert not (tiny / "run" / "metrics.json").exists()
 

@@ -26,7 +26,7 @@ from ..errors import NetslimError
 from ..surgery import safe_deepcopy
 from ..train import check_device, default_device, seed_everything
 from .databundle import DatasetBundle
-from .recipe import Recipe, _check_top_level_types, load_recipe, parse_stages
+from .recipe import Recipe, check_top_level_types, load_recipe, parse_stages
 from .report import stage_table
 from .runner import RunInputs, first_input, inputs_from_recipe, run_stages, validate_inputs
 
@@ -95,7 +95,7 @@ def compress(model: nn.Module | str, stages: str | Path | Recipe | Sequence[Any]
     overrides = {"device": None if device is None else str(device), "seed": seed, "test_limit": test_limit,
                  "calib_size": calib_size,
                  "latency_batch_sizes": None if latency_batch_sizes is None else _batch_sizes(latency_batch_sizes)}
-    _check_top_level_types({k: v for k, v in overrides.items() if k in ("seed", "test_limit", "calib_size")},
+    check_top_level_types({k: v for k, v in overrides.items() if k in ("seed", "test_limit", "calib_size")},
                            required=())
     for key, value in overrides.items():
         if value is not None:

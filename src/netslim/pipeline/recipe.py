@@ -104,7 +104,7 @@ def parse_recipe(doc: Any, base_dir: Path = Path(".")) -> Recipe:
         raise NetslimError("recipe 'stages' must be a non-empty list")
     stages = parse_stages(doc["stages"])
     fields = {k: v for k, v in doc.items() if k != "stages"}
-    _check_top_level_types(fields)
+    check_top_level_types(fields)
     bs = fields.get("latency_batch_sizes", [1])
     if not isinstance(bs, list) or not all(isinstance(b, int) and b > 0 for b in bs):
         raise NetslimError(f"latency_batch_sizes must be a list of positive integers, got {bs!r}")
@@ -115,7 +115,7 @@ _TOP_LEVEL_TYPES = {"name": str, "model": str, "weights": str, "data": str, "dat
                     "device": str, "seed": int, "test_limit": int, "calib_size": int}
 
 
-def _check_top_level_types(fields: dict[str, Any], required: tuple[str, ...] = ("model", "data")) -> None:
+def check_top_level_types(fields: dict[str, Any], required: tuple[str, ...] = ("model", "data")) -> None:
     for key, kind in _TOP_LEVEL_TYPES.items():
         value = fields.get(key)
         if value is None and key not in required:
