@@ -33,6 +33,22 @@ class _Captured(Exception):
     """Raised by a hook to stop the forward pass once the wanted input is captured."""
 
 
+def working_copies(model: nn.Module, device: torch.device, *, inplace: bool,
+                   keep_reference: bool) -> tuple[nn.Module, nn.Module | None]:
+    """The model to transform on ``device`` (``model`` itself when ``inplace``, else a copy) and, when a refit
+    will follow (``keep_reference``), the untouched original it refits towards (a copy unless ``model`` stays
+    unchanged and already lives on ``device``)."""
+    import copy
+
+    reference = None
+    if keep_reference:
+        param = next(model.parameters(), None)
+        on_device = param is not None and param.device == device
+        reference = copy.deepcopy(model) if inplace or not on_device else model
+    work = (model if inplace else copy.deepcopy(model)).to(device)
+    return work, reference
+
+
 def _forward_until_captured(model: nn.Module, images: torch.Tensor, handle) -> None:
     try:
         with torch.no_grad():

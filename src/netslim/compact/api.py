@@ -3,7 +3,6 @@ model's k x k convolutions for compact blocks initialised from their weights, th
 images; the same config object the ``replace`` recipe stage is built from."""
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,7 +11,7 @@ from torch import nn
 
 from ..data import image_batch
 from ..errors import NetslimError, unknown_choice
-from ..refit import refit_heads_
+from ..refit import refit_heads_, working_copies
 from ..targets import Target, parse_target
 from ..train import default_device
 from .plan import BLOCKS, TARGETS, ReplacementPlan, apply_plan_, plan_replacement, target_plan
@@ -82,11 +81,6 @@ class ReplaceResult:
     details: dict[str, Any] = field(default_factory=dict)
 
 
-def _device_of(model: nn.Module) -> torch.device | None:
-    param = next(model.parameters(), None)
-    return None if param is None else param.device
-
-
 def replace(model: nn.Module, example_input: torch.Tensor, config: ReplaceConfig | None = None, *,
             calib_data: Any = None, device: str | torch.device | None = None, progress: bool = True,
             inplace: bool = False) -> ReplaceResult:
@@ -99,8 +93,7 @@ def replace(model: nn.Module, example_input: torch.Tensor, config: ReplaceConfig
     if cfg.refit_images and calib_data is None:
         raise NetslimError(f"refit_images: {cfg.refit_images} needs calib_data (training images to refit on)")
     device = torch.device(device) if device is not None else default_device()
-    reference = (copy.deepcopy(model) if inplace or _device_of(model) != device else model) if cfg.refit_images else None
-    work = (model if inplace else copy.deepcopy(model)).to(device)
+    work, reference = working_copies(model, device, inplace=inplace, keep_reference=bool(cfg.refit_images))
     x = example_input.to(device)
     details: dict[str, Any] = {}
     if cfg.selector == "target":

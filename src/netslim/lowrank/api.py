@@ -2,7 +2,6 @@
 call, with the same config object the ``decompose`` recipe stage is built from."""
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,6 +14,7 @@ from ..errors import NetslimError, unknown_choice
 from ..targets import Target, target_or_reduction
 from ..train import default_device
 from .apply import METHODS, SELECTORS, DecompositionReport, apply_plan_, plan_decomposition
+from ..refit import working_copies
 from .refit import refit_
 from .search import TARGETS, energy_rank_search, greedy_rank_search
 
@@ -95,11 +95,6 @@ def fixed_subset(data: Dataset, count: int, seed: int) -> Dataset:
     return Subset(data, picked)
 
 
-def _device_of(model: nn.Module) -> torch.device | None:
-    param = next(model.parameters(), None)
-    return None if param is None else param.device
-
-
 def decompose(model: nn.Module, example_input: torch.Tensor, config: DecomposeConfig | None = None, *,
               eval_data: Dataset | None = None, calib_data: Any = None, device: str | torch.device | None = None,
               progress: bool = True, inplace: bool = False) -> DecomposeResult:
@@ -111,8 +106,7 @@ def decompose(model: nn.Module, example_input: torch.Tensor, config: DecomposeCo
     :func:`netslim.train.default_device`)."""
     cfg = config or DecomposeConfig()
     device = torch.device(device) if device is not None else default_device()
-    reference = (copy.deepcopy(model) if inplace or _device_of(model) != device else model) if cfg.refit_images else None
-    work = (model if inplace else copy.deepcopy(model)).to(device)
+    work, reference = working_copies(model, device, inplace=inplace, keep_reference=bool(cfg.refit_images))
     x = example_input.to(device)
     details: dict[str, Any] = {}
     if cfg.selector == "target":
