@@ -1,0 +1,1 @@
+"""Cross-family compression search: targets with measured cost."""
