@@ -63,13 +63,15 @@ def structured(model: nn.Module, example_input: torch.Tensor, ratio: float = 0.5
                scope: str = "uniform", target: str | dict | None = None, round_to: int = 1,
                exclude: Iterable[str] = (), calib_data=None, min_keep: float = 0.1, seed: int = 0,
                inplace: bool = False, graph: DependencyGraph | None = None, calib_batches: int = 8,
-               data=None) -> nn.Module:
+               data=None, ratios: dict[str, float] | None = None) -> nn.Module:
     """Remove whole channels from ``model`` and return a physically smaller, dense model.
 
     ``ratio``: fraction of each layer's channels to remove (``scope="uniform"``), or of all
     channels ranked together (``scope="global"``, keeping at least ``min_keep`` of each layer).
     ``target``: instead of a ratio, a reduction such as ``"macs:2"``, ``"params:3"`` or
     ``"latency:1.5"`` (measured at ``example_input``'s batch size) reached by bisection.
+    ``ratios``: per-layer ratios overriding ``ratio`` (``{"layer1.0.conv1": 0.5}``; a layer's entry sets the
+    ratio of the channels it produces and of every layer coupled to them; a name covers its submodules).
     ``criterion``: one of :data:`CRITERIA` (``taylor`` needs ``calib_data``, batches of (inputs, targets),
     of which it reads ``calib_batches``; ``data=`` is its deprecated name). ``round_to``: kept channel
     counts become multiples of it. ``exclude``: layers whose output channels stay (their inputs may shrink;
@@ -91,8 +93,9 @@ def structured(model: nn.Module, example_input: torch.Tensor, ratio: float = 0.5
     lgs: list[LayerGroup] = layer_groups(graph)
     scores = group_scores(criterion, work, graph, calib_data=calib_data, calib_batches=calib_batches, seed=seed,
                           device=next(work.parameters()).device)
+    check_layer_names(work, ratios or {}, "ratios")
     if parsed is None:
-        remove = select(lgs, scores, ratio, scope, round_to, min_keep)
+        remove = select(lgs, scores, ratio, scope, round_to, min_keep, ratios)
     else:
         _, remove = ratio_for_target(work, example_input, graph, lgs, scores, parsed, scope, round_to, min_keep)
     with torch.no_grad():

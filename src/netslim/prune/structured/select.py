@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ...errors import NetslimError, unknown_choice
+from ...layers import covers
 from ...targets import SCOPES
 from .graph import DependencyGraph
 
@@ -16,6 +17,7 @@ class LayerGroup:
     roots: list[int]
     channels: int        # channels of its widest producing layer
     layers: list[str]    # modules it touches (for messages and reports)
+    producers: list[str] = field(default_factory=list)  # the modules whose output channels these are
 
     @property
     def unit(self) -> float:
@@ -32,7 +34,8 @@ def layer_groups(graph: DependencyGraph) -> list[LayerGroup]:
                     [graph.slices[si] for si in slice_ids]
         channels = max(s.labels.numel() for s in producers)
         layers = sorted({graph.slices[si].module for si in slice_ids})
-        out.append(LayerGroup(sorted(roots), channels, layers))
+        made_by = list(dict.fromkeys(s.module for s in producers))
+        out.append(LayerGroup(sorted(roots), channels, layers, made_by))
     return out
 
 
@@ -45,11 +48,22 @@ def _kept_count(lg: LayerGroup, keep_fraction: float, round_to: int) -> int:
     return min(len(lg.roots), max(1, groups))
 
 
-def select_uniform(lgs: list[LayerGroup], scores: dict[int, float], ratio: float, round_to: int = 1) -> set[int]:
-    """Remove the lowest-scored ``ratio`` of every layer group."""
+def group_ratio(lg: LayerGroup, ratio: float, ratios: dict[str, float] | None) -> float:
+    """The ratio for one layer group: ``ratios``' entry for the first of its producing layers that one
+    covers (a name covers its submodules), else ``ratio``."""
+    for name in lg.producers:
+        for key, value in (ratios or {}).items():
+            if covers((key,), name):
+                return value
+    return ratio
+
+
+def select_uniform(lgs: list[LayerGroup], scores: dict[int, float], ratio: float, round_to: int = 1,
+                   ratios: dict[str, float] | None = None) -> set[int]:
+    """Remove the lowest-scored ``ratio`` of every layer group (``ratios``: per producing layer)."""
     remove: set[int] = set()
     for lg in lgs:
-        keep = _kept_count(lg, 1.0 - ratio, round_to)
+        keep = _kept_count(lg, 1.0 - group_ratio(lg, ratio, ratios), round_to)
         ranked = sorted(lg.roots, key=lambda r: (scores.get(r, 0.0), r))
         remove.update(ranked[: len(lg.roots) - keep])
     return remove
@@ -82,13 +96,20 @@ def select_global(lgs: list[LayerGroup], scores: dict[int, float], ratio: float,
 
 
 def select(lgs: list[LayerGroup], scores: dict[int, float], ratio: float, scope: str = "uniform",
-           round_to: int = 1, min_keep: float = 0.1) -> set[int]:
+           round_to: int = 1, min_keep: float = 0.1, ratios: dict[str, float] | None = None) -> set[int]:
+    """The channel groups to remove; ``ratios`` (per producing layer, scope ``uniform`` only) override
+    ``ratio`` for the layer groups they name."""
     if not 0.0 <= ratio < 1.0:
         raise NetslimError(f"ratio must be in [0, 1), got {ratio}")
+    for key, value in (ratios or {}).items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+            raise NetslimError(f"ratios[{key!r}] must be in [0, 1), got {value!r}")
+    if ratios and scope != "uniform":
+        raise NetslimError("ratios (per layer) need scope 'uniform'; scope 'global' ranks all layers together")
     if round_to < 1:
         raise NetslimError(f"round_to must be >= 1, got {round_to}")
     if scope == "uniform":
-        return select_uniform(lgs, scores, ratio, round_to)
+        return select_uniform(lgs, scores, ratio, round_to, ratios)
     if scope == "global":
         return select_global(lgs, scores, ratio, round_to, min_keep)
     raise unknown_choice("scope", scope, SCOPES)

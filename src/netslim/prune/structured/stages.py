@@ -25,7 +25,7 @@ METHODS = ("oneshot", "iterative", "sfp", "reconstruct")
 @dataclass
 class ChannelPruneConfig:
     """The keyword arguments of :func:`netslim.prune.structured` under the same names (``ratio`` of
-    channels to remove, or ``target`` such as ``"macs:2"``: macs, params, size, latency; ``criterion``,
+    channels to remove, ``ratios`` per layer overriding it, or ``target`` such as ``"macs:2"``: macs, params, size, latency; ``criterion``,
     ``scope``, ``round_to``, ``min_keep``, ``exclude``, ``seed``, ``calib_batches`` of training data
     for ``taylor``), and: ``method``: ``oneshot``; ``iterative`` (``steps`` rounds of prune + fine-tune
     with ``train``); ``sfp`` (Soft Filter Pruning during ``train``); ``reconstruct`` (He 2017, no
@@ -35,6 +35,7 @@ class ChannelPruneConfig:
     deprecated names of ``calib_batches`` and ``calib_images``."""
 
     ratio: float = 0.5
+    ratios: dict[str, float] = field(default_factory=dict)
     target: str | None = None
     criterion: str = "l1"
     method: str = "oneshot"

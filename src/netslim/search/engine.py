@@ -1,0 +1,229 @@
+"""The search: Optuna's NSGA-II over the candidates (Deb et al. 2002), and a greedy NetAdapt-style baseline.
+
+Every candidate is built (:func:`netslim.search.apply.apply_candidate`), repaired without training, and
+scored by :class:`Evaluator`: top-1 on a held-out slice of the *training* data (the cheap estimate; never
+the test set), latency predicted by the per-layer lookup table of the target device, stored bytes and
+MACs. The Optuna study lives in a database (SQLite in the run directory by default, so a killed search
+resumes where it stopped; any URL Optuna supports, e.g. PostgreSQL, lets several workers share one
+study). The greedy baseline (Yang et al. 2018, "NetAdapt") shrinks, one knob at a time, where the least
+accuracy is lost per millisecond saved until the latency goal is met, to show what the search earns.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from ..errors import NetslimError
+from ..profile import profile
+from ..train import evaluate
+from .apply import apply_candidate
+from .space import SearchSpace
+
+log = logging.getLogger("netslim.search")
+
+
+@dataclass
+class Score:
+    """What one candidate gives: estimated top-1 (held-out training slice), predicted latency (ms) on
+    the target, stored bytes, MACs, and the seconds it took to build and score."""
+
+    top1: float
+    latency_ms: float
+    size_bytes: int
+    macs: int
+    seconds: float
+    stages: list = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def stored_size(model: nn.Module) -> int:
+    """Bytes of the deployed weights: a quantized layer's weight at its bit width (plus a float scale per
+    output channel), every other parameter and floating buffer at its own dtype."""
+    from ..quant.modules import WeightQuant
+
+    total, counted = 0, set()
+    for m in model.modules():
+        chain = getattr(getattr(m, "parametrizations", None), "weight", None)
+        quant = [q for q in (chain or []) if isinstance(q, WeightQuant)]
+        if quant:
+            w = chain.original
+            total += math.ceil(w.numel() * quant[0].spec.bits / 8) + 4 * w.shape[0]
+            counted.update({id(w), *(id(p) for p in quant[0].parameters())})
+    total += sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in counted)
+    total += sum(b.numel() * b.element_size() for b in model.buffers() if b.is_floating_point() and b.dim() > 0)
+    return int(total)
+
+
+class Evaluator:
+    """Scores candidates of ``space`` for ``model``: build, repair, estimate top-1 on ``held_out`` (a
+    labelled slice of the training data), predict latency with ``table`` (a
+    :class:`~netslim.search.cost.LatencyTable`, calibrated on ``model``), or with ``predictor(model, x) -> ms``
+    when given (a :class:`~netslim.search.calibration.LatencyModel`'s ``predict``)."""
+
+    def __init__(self, model: nn.Module, example_input: torch.Tensor, space: SearchSpace, held_out, calib_images,
+                 table, *, refit_images: int = 128, device: str | torch.device = "cpu",
+                 predictor: Callable[[nn.Module, torch.Tensor], float] | None = None) -> None:
+        self.model, self.x, self.space = model.eval(), example_input[:1], space
+        self.held_out, self.calib_images, self.table = held_out, calib_images, table
+        self.predictor = predictor
+        self.refit_images, self.device = refit_images, device
+        self.cache: dict[str, Score] = {}
+
+    @staticmethod
+    def key(candidate: dict[str, Any]) -> str:
+        return json.dumps(candidate, sort_keys=True, default=str)
+
+    def build(self, candidate: dict[str, Any]) -> tuple[nn.Module, list]:
+        return apply_candidate(self.model, self.x, self.space, candidate, self.calib_images,
+                               refit_images=self.refit_images, device=self.device)
+
+    def __call__(self, candidate: dict[str, Any]) -> Score:
+        candidate = self.space.complete(candidate)
+        k = self.key(candidate)
+        if k in self.cache:
+            return self.cache[k]
+        t0 = time.perf_counter()
+        model, stages = self.build(candidate)
+        top1 = evaluate(model, self.held_out, device=self.device)["top1"]
+        cpu = model.cpu().eval()
+        latency = (self.predictor(cpu, self.x.cpu()) if self.predictor is not None
+                   else self.table.predict(cpu, self.x.cpu()).total_ms)
+        macs = profile(cpu, self.x.cpu(), latency=False).macs
+        score = Score(top1, latency, stored_size(cpu), int(macs), time.perf_counter() - t0, stages)
+        self.cache[k] = score
+        return score
+
+
+def study_name(model: nn.Module, space: SearchSpace, device_key: str, goal_ms: float, held_out_size: int) -> str:
+    """A name for the study that changes whenever the model, space, device or goal does (a resumed search
+    only continues the same question)."""
+    digest = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(t.detach().cpu().contiguous().numpy().tobytes()[:4096])
+    digest.update(json.dumps([asdict(k) for k in space.knobs], default=str).encode())
+    digest.update(f"{device_key}|{goal_ms:.6g}|{held_out_size}".encode())
+    return "netslim-" + digest.hexdigest()[:16]
+
+
+def _optuna():
+    try:
+        import optuna
+    except ImportError:
+        raise NetslimError("the search needs Optuna: pip install optuna (or netslim[search])") from None
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return optuna
+
+
+def seeds(space: SearchSpace) -> list[dict[str, Any]]:
+    """Starting points enqueued before NSGA-II samples: uniform channel keeps, uniform factorizations,
+    8-bit everywhere, and their mixes (so the first generation already holds feasible points)."""
+    out = []
+    for keep in (1.0, 0.75, 0.5, 0.375):
+        for bits in ("float", "8"):
+            out.append(space.uniform(keep=keep, bits=bits))
+    for op in ("lowrank:0.5", "lowrank:0.25", "bsconv:0.34"):
+        out.append(space.uniform(op=op))
+        out.append(space.uniform(keep=0.75, op=op, bits="8"))
+    unique = {Evaluator.key(c): c for c in out}
+    return list(unique.values())
+
+
+def run_study(evaluator: Evaluator, goal_ms: float, *, storage: str, name: str, n_trials: int,
+              timeout: float | None = None, seed: int = 0, population: int = 16, progress: bool = True,
+              on_trial: Callable[[Any], None] | None = None):
+    """Run (or continue) the NSGA-II study ``name`` in ``storage`` until it holds ``n_trials`` finished
+    trials or ``timeout`` seconds pass. Objectives: maximize estimated top-1, minimize predicted latency,
+    minimize stored bytes; constraint: predicted latency <= ``goal_ms``."""
+    optuna = _optuna()
+    space = evaluator.space
+    sampler = optuna.samplers.NSGAIISampler(population_size=population, seed=seed,
+                                            constraints_func=lambda t: [t.user_attrs["latency_ms"] - goal_ms])
+    study = optuna.create_study(study_name=name, storage=storage, load_if_exists=True, sampler=sampler,
+                                directions=["maximize", "minimize", "minimize"])
+    states = optuna.trial.TrialState
+    if not study.trials:
+        for c in seeds(space)[:n_trials]:
+            study.enqueue_trial(c, skip_if_exists=True)
+    done = len(study.get_trials(deepcopy=False, states=(states.COMPLETE,)))
+    bar = tqdm(total=n_trials, initial=min(done, n_trials), desc="search", unit="trial", disable=not progress)
+
+    def objective(trial):
+        candidate = {k.name: trial.suggest_categorical(k.name, list(k.choices)) for k in space.knobs}
+        score = evaluator(candidate)
+        for key, value in score.to_dict().items():
+            trial.set_user_attr(key, value)
+        return score.top1, score.latency_ms, score.size_bytes
+
+    def report(study, trial):
+        bar.update(1)
+        feasible = [t for t in study.get_trials(deepcopy=False, states=(states.COMPLETE,))
+                    if t.user_attrs.get("latency_ms", math.inf) <= goal_ms]
+        if feasible:
+            best = max(feasible, key=lambda t: t.values[0])
+            bar.set_postfix_str(f"best top-1 {100 * best.values[0]:.2f}% at {best.user_attrs['latency_ms']:.3g} ms")
+        if on_trial:
+            on_trial(trial)
+
+    remaining = n_trials - done
+    if remaining > 0:
+        study.optimize(objective, n_trials=remaining, timeout=timeout,
+                       callbacks=[optuna.study.MaxTrialsCallback(n_trials, states=(states.COMPLETE,)), report])
+    bar.close()
+    return study
+
+
+@dataclass
+class GreedyStep:
+    candidate: dict
+    top1: float
+    latency_ms: float
+
+
+def greedy_search(evaluator: Evaluator, goal_ms: float, *, max_steps: int = 40, progress: bool = True) -> list[GreedyStep]:
+    """NetAdapt-style baseline (Yang et al. 2018): from the unchanged model, at each step try moving every
+    knob one choice further along its list, and take the move losing the least estimated top-1 per
+    millisecond saved; stop once the predicted latency meets ``goal_ms``. Returns the path taken."""
+    space = evaluator.space
+    current = space.identity()
+    score = evaluator(current)
+    path = [GreedyStep(dict(current), score.top1, score.latency_ms)]
+    bar = tqdm(total=max_steps, desc="greedy", unit="step", disable=not progress)
+    for _ in range(max_steps):
+        if score.latency_ms <= goal_ms:
+            break
+        best, best_rate = None, -math.inf
+        for knob in space.knobs:
+            at = knob.choices.index(current[knob.name])
+            if at + 1 >= len(knob.choices):
+                continue
+            trial = {**current, knob.name: knob.choices[at + 1]}
+            s = evaluator(trial)
+            saved = score.latency_ms - s.latency_ms
+            if saved <= 0:
+                continue
+            rate = -(score.top1 - s.top1) / saved  # top-1 lost per ms saved, negated: larger is better
+            if rate > best_rate:
+                best, best_rate = (trial, s), rate
+        bar.update(1)
+        if best is None:
+            break
+        current, score = best
+        path.append(GreedyStep(dict(current), score.top1, score.latency_ms))
+        bar.set_postfix_str(f"top-1 {100 * score.top1:.2f}% at {score.latency_ms:.3g} ms")
+    bar.close()
+    return path
+
+
+__all__ = ["Evaluator", "Score", "run_study", "greedy_search", "seeds", "study_name", "stored_size", "GreedyStep"]
