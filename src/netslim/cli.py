@@ -195,6 +195,34 @@ def cmd_compress(args) -> int:
     return 0
 
 
+def cmd_search(args) -> int:
+    from .pipeline.recipe import Recipe
+    from .pipeline.runner import inputs_from_recipe
+    from .search import SearchConfig, auto_compress
+    from .train import check_device
+
+    cfg = SearchConfig(target=args.target, device=args.device, threads=args.threads, batch=args.batch,
+                       families=args.families.split(",") if args.families else SearchConfig().families,
+                       max_drop=args.max_drop, trials=args.trials, time_budget=args.time_budget,
+                       strategy=args.strategy, held_out=args.held_out, storage=args.storage, seed=args.seed,
+                       exclude=args.exclude.split(",") if args.exclude else [])
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise NetslimError(f"--out {out} is a file; name a run directory")
+    recipe = Recipe(model=args.model, data=args.data, stages=[], weights=args.weights, data_root=args.data_root)
+    inputs = inputs_from_recipe(recipe, check_device("cpu"))
+    result = auto_compress(inputs.original, inputs.example_input, inputs.data.train_plain, cfg, out=out,
+                           refs={"model": args.model, "weights": args.weights, "data": args.data,
+                                 "data_root": args.data_root}, progress=not args.no_progress)
+    chosen = result.summary["chosen"]
+    print((out / "front.md").read_text())
+    print(f"chosen: estimated top-1 {100 * chosen['top1']:.2f}% (dense {100 * result.dense.top1:.2f}%, held-out "
+          f"training slice), {chosen['measured_ms']:.3f} ms measured on {args.device} "
+          f"({chosen['speedup_measured']:.2f}x faster; lookup table predicted {chosen['latency_ms']:.3f} ms)")
+    print(f"recipe: {result.recipe} (netslim compress {result.recipe} fine-tunes and exports it)")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
     from .pipeline.report import ratio_table, stage_table
@@ -278,6 +306,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--restart", action="store_true", help="discard an existing run directory")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_compress)
+
+    p = sub.add_parser("search", help="search every family per layer for a latency / size budget on a device")
+    p.add_argument("--model", required=True, help="zoo name, torchvision:/timm:<name>, file.py:factory, pkg.mod:factory")
+    p.add_argument("--weights", default=None, help="state_dict path or 'shared'")
+    p.add_argument("--data", required=True, help="dataset name, ImageFolder path or file.py:factory")
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--target", default="latency:3", help="latency:N (N x faster, measured), size:N or macs:N")
+    p.add_argument("--device", default="ort-cpu", help="ort-cpu, torch-cpu or torch-cuda: where latency is measured")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--max-drop", type=float, default=1.0, help="points of top-1 (held-out training slice) to lose at most")
+    p.add_argument("--time-budget", default=None, help="wall-clock limit of this run, e.g. 30m, 2h, 90s")
+    p.add_argument("--trials", type=int, default=100)
+    p.add_argument("--strategy", default="nsga2", help="nsga2 (Optuna) or greedy (NetAdapt-style baseline)")
+    p.add_argument("--families", default=None, help="comma-separated: prune,lowrank,compact,quant (default all)")
+    p.add_argument("--exclude", default=None, help="comma-separated layers to leave alone")
+    p.add_argument("--held-out", type=int, default=1000, help="training images set aside to estimate top-1")
+    p.add_argument("--storage", default=None, help="Optuna database URL (default: SQLite in --out; share one to "
+                                                   "run several workers on one study)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="runs/search")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("demo", help="LeNet-5 on Fashion-MNIST: train briefly, compress, print the six ratios")
     p.add_argument("--out", default="runs/demo")

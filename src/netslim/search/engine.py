@@ -11,6 +11,8 @@ accuracy is lost per millisecond saved until the latency goal is met, to show wh
 from __future__ import annotations
 
 import hashlib
+import os
+import socket
 import json
 import logging
 import math
@@ -164,6 +166,7 @@ def run_study(evaluator: Evaluator, goal_ms: float, *, storage: str, name: str, 
         score = evaluator(candidate)
         for key, value in score.to_dict().items():
             trial.set_user_attr(key, value)
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         return score.top1, score.latency_ms, score.size_bytes
 
     def report(study, trial):

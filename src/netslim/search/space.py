@@ -25,7 +25,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from ..errors import NetslimError, unknown_choice
+from ..errors import NetslimError
 from ..layers import check_layer_names, covers
 from ..lowrank.apply import layer_method
 from ..compact.plan import eligible
@@ -171,7 +171,7 @@ def build_space(model: nn.Module, example_input: torch.Tensor, families: Iterabl
     families = tuple(families)
     for f in families:
         if f not in FAMILIES:
-            raise unknown_choice("search family", f, FAMILIES)
+            raise NetslimError(f"unknown search family {f!r}; valid families: {', '.join(FAMILIES)}")
     if not families:
         raise NetslimError(f"the search needs at least one family; valid families: {', '.join(FAMILIES)}")
     if not isinstance(max_knobs, int) or max_knobs < 1:
