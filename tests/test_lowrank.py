@@ -253,9 +253,14 @@ def test_greedy_search_for_a_latency_target_makes_the_model_faster(one_thread):
     data = torch.utils.data.TensorDataset(torch.randn(32, 3, 24, 24), torch.randint(0, 10, (32,)))
     report, _ = greedy_rank_search(model, x, data, target="latency:1.6", method="spatial", progress=False)
     assert report.layers and set(report.layers) <= {"0", "2", "4"}
-    before = measure_latency(model, x, (1,), repeats=30)[1]
+    import copy
+
+    dense = copy.deepcopy(model)
     apply_plan_(model, report)
-    assert before / measure_latency(model, x, (1,), repeats=30)[1] > 1.3
+    # interleaved, best of three medians each: timing noise from other processes hits both alike
+    pairs = [(measure_latency(dense, x, (1,), repeats=30)[1], measure_latency(model, x, (1,), repeats=30)[1])
+             for _ in range(3)]
+    assert min(b for b, _ in pairs) / min(a for _, a in pairs) > 1.3
     with pytest.raises(ValueError, match="macs, params, latency"):
         greedy_rank_search(model, x, data, target="energy:2", progress=False)
     from netslim.lowrank.stages import DecomposeConfig

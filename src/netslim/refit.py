@@ -27,6 +27,7 @@ from tqdm import tqdm
 log = logging.getLogger("netslim.refit")
 
 Head = tuple[nn.Module, "torch.Tensor | None"]
+REFIT_MODES = ("sequential", "one_pass")  # refit_heads_(sequential=True / False)
 
 
 class _Captured(Exception):
@@ -98,6 +99,34 @@ def original_target(original: nn.Module, name: str, images: torch.Tensor, positi
     return got[0]
 
 
+def original_targets(original: nn.Module, names: list[str], images: torch.Tensor, positions: int,
+                     gen: torch.Generator) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """:func:`original_target` of every layer in ``names`` from one forward pass of ``original`` (positions
+    drawn in forward order); only the sampled positions are kept, so memory stays small."""
+    got: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    wanted = set(names)
+
+    def hook(name):
+        def fn(module, _inp, out):
+            if name in got:  # a module called twice (shared weights) keeps its first call, as original_target
+                return
+            y = _outputs(out.detach())
+            if getattr(module, "bias", None) is not None:
+                y = y - module.bias.detach()[None, :, None]
+            idx = torch.randint(0, y.shape[2], (y.shape[0], min(positions, y.shape[2])), generator=gen).to(y.device)
+            got[name] = (idx, _pick(y, idx).double())
+        return fn
+
+    handles = [original.get_submodule(n).register_forward_hook(hook(n)) for n in names if n in wanted]
+    try:
+        with torch.no_grad():
+            original.eval()(images)
+    finally:
+        for h in handles:
+            h.remove()
+    return got
+
+
 def current_inputs(model: nn.Module, head: nn.Module, images: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """Inputs of ``head`` in ``model`` at the sampled output positions; the forward stops there."""
     got = []
@@ -108,6 +137,12 @@ def current_inputs(model: nn.Module, head: nn.Module, images: torch.Tensor, idx:
 
     _forward_until_captured(model, images, head.register_forward_pre_hook(fn))
     return got[0]
+
+
+def _not_reached(name: str) -> Exception:
+    from .errors import NetslimError
+
+    return NetslimError(f"refit: layer {name!r} is not reached by the forward pass of the original model")
 
 
 def least_squares(a: torch.Tensor, y: torch.Tensor, ridge: float = 1e-4) -> torch.Tensor:
@@ -135,38 +170,87 @@ def _apply(a: torch.Tensor, w: torch.Tensor, groups: int) -> torch.Tensor:
     return out.permute(1, 0, 2).reshape(a.shape[0], -1)
 
 
+def all_current_inputs(model: nn.Module, heads: list[tuple[str, nn.Module, torch.Tensor]],
+                       images: torch.Tensor) -> dict[tuple[str, int], torch.Tensor]:
+    """Inputs of every ``(layer, head, idx)`` at its sampled positions, from one forward pass of ``model``."""
+    got: dict[tuple[str, int], torch.Tensor] = {}
+
+    def hook(key, idx):
+        def fn(module, inp):
+            if key not in got:
+                got[key] = _pick(_columns(module, inp[0].detach()), idx).double()
+        return fn
+
+    handles = [head.register_forward_pre_hook(hook((name, i), idx)) for i, (name, head, idx) in enumerate(heads)]
+    try:
+        with torch.no_grad():
+            model.eval()(images)
+    finally:
+        for h in handles:
+            h.remove()
+    return got
+
+
+def _solve_layer(heads: list[tuple[nn.Module, torch.Tensor | None, torch.Tensor]], y: torch.Tensor, ridge: float):
+    """New weights of one layer's heads (``(head, mix, inputs)``) and its relative error before / after."""
+    old, new, solved = 0.0, 0.0, []
+    for head, mix, a in heads:
+        mix = torch.eye(y.shape[1], dtype=y.dtype) if mix is None else mix.to(y.device, y.dtype)
+        g = _groups(head)
+        w_old = head.weight.detach().reshape(head.weight.shape[0], -1).double()
+        target = y @ torch.linalg.pinv(mix)  # what this head's outputs should be
+        w_new = least_squares(_grouped(a, g), _grouped(target, g), ridge).reshape(w_old.shape)
+        old = old + _apply(a, w_old, g) @ mix
+        new = new + _apply(a, w_new, g) @ mix
+        solved.append((head, w_new))
+    norm = y.norm().clamp_min(1e-12)
+    return solved, float((old - y).norm() / norm), float((new - y).norm() / norm)
+
+
+def _keep_if_better(solved, before: float, after: float) -> None:
+    if after < before:
+        with torch.no_grad():
+            for head, w_new in solved:
+                head.weight.copy_(w_new.reshape(head.weight.shape).to(head.weight.dtype))
+
+
 def refit_heads_(model: nn.Module, original: nn.Module, images: torch.Tensor, layers: Iterable[str],
                  heads_of: Callable[[nn.Module], list[Head]], positions: int = 16, ridge: float = 1e-4,
-                 seed: int = 0, progress: bool = False) -> dict[str, tuple[float, float]]:
+                 seed: int = 0, progress: bool = False, sequential: bool = True) -> dict[str, tuple[float, float]]:
     """Refit the heads (``heads_of(block)``) of each replaced layer in ``layers`` (forward order) to the
     original layer's outputs on ``images``; a layer's new weights are kept only when they lower its error.
+
+    ``sequential`` (default): layer by layer, each one's inputs taken after the layers before it were refit
+    (Zhang et al.'s asymmetric reconstruction; one partial forward pass per head). ``sequential=False``: every
+    layer's inputs from one forward pass of the replaced model before any refit, all layers solved at once -
+    far faster on deep models (two passes in all instead of one per layer) and what a search that refits
+    every candidate uses; earlier layers' errors are compensated as they were before their own refit.
     Returns ``{layer: (relative output error before, after)}`` on the sampled positions."""
     gen = torch.Generator().manual_seed(seed)
     errors: dict[str, tuple[float, float]] = {}
-    for name in tqdm(list(layers), desc="refit", disable=not progress, leave=False):
-        block = model.get_submodule(name)
-        idx, y = original_target(original, name, images, positions, gen)
-        old, new, solved = 0.0, 0.0, []
-        for head, mix in heads_of(block):
-            a = current_inputs(model, head, images, idx)
-            mix = torch.eye(y.shape[1], dtype=y.dtype) if mix is None else mix.to(y.device, y.dtype)
-            mix = mix.to(y.device)
-            g = _groups(head)
-            w_old = head.weight.detach().reshape(head.weight.shape[0], -1).double()
-            target = y @ torch.linalg.pinv(mix)  # what this head's outputs should be
-            w_new = least_squares(_grouped(a, g), _grouped(target, g), ridge).reshape(w_old.shape)
-            old = old + _apply(a, w_old, g) @ mix
-            new = new + _apply(a, w_new, g) @ mix
-            solved.append((head, w_new))
-        norm = y.norm().clamp_min(1e-12)
-        before, after = float((old - y).norm() / norm), float((new - y).norm() / norm)
-        if after < before:
-            with torch.no_grad():
-                for head, w_new in solved:
-                    head.weight.copy_(w_new.reshape(head.weight.shape).to(head.weight.dtype))
+    layers = list(layers)
+    targets = original_targets(original, layers, images, positions, gen)  # one pass over the original model
+    for name in layers:
+        if name not in targets:
+            raise _not_reached(name)
+    if not sequential:
+        heads = [(name, head, targets[name][0]) for name in layers for head, _ in heads_of(model.get_submodule(name))]
+        inputs = all_current_inputs(model, heads, images)
+        flat = iter(range(len(heads)))
+        for name in layers:
+            parts = [(head, mix, inputs[(name, next(flat))]) for head, mix in heads_of(model.get_submodule(name))]
+            solved, before, after = _solve_layer(parts, targets[name][1], ridge)
+            _keep_if_better(solved, before, after)
+            errors[name] = (before, min(before, after))
+        return errors
+    for name in tqdm(layers, desc="refit", disable=not progress, leave=False):
+        idx, y = targets[name]
+        parts = [(head, mix, current_inputs(model, head, images, idx)) for head, mix in heads_of(model.get_submodule(name))]
+        solved, before, after = _solve_layer(parts, y, ridge)
+        _keep_if_better(solved, before, after)
         errors[name] = (before, min(before, after))
         log.info("refit %s: relative output error %.4f -> %.4f", name, before, min(before, after))
     return errors
 
 
-__all__ = ["Head", "refit_heads_", "least_squares", "original_target", "current_inputs"]
+__all__ = ["REFIT_MODES", "Head", "refit_heads_", "least_squares", "original_target", "original_targets", "current_inputs"]

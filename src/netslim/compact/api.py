@@ -11,7 +11,7 @@ from torch import nn
 
 from ..data import image_batch
 from ..errors import NetslimError, unknown_choice
-from ..refit import refit_heads_, working_copies
+from ..refit import REFIT_MODES, refit_heads_, working_copies
 from ..targets import Target, parse_target
 from ..train import default_device
 from .plan import BLOCKS, TARGETS, ReplacementPlan, apply_plan_, plan_replacement, target_plan
@@ -29,7 +29,8 @@ class ReplaceConfig:
     (the largest uniform width meeting ``target``: ``"macs:3"`` or ``"params:3"``). ``widths``: integers
     per layer. ``layers`` / ``exclude``: which layers (a name covers its submodules). ``refit_images``
     > 0: refit every block on that many training images so it reproduces the original layer's outputs
-    (``refit_positions`` sampled output positions per image)."""
+    (``refit_positions`` sampled output positions per image); ``refit_mode``: ``sequential`` (layer after
+    layer) or ``one_pass`` (all layers from one forward pass: much faster on deep models)."""
 
     block: str = "separable"
     selector: str = "width"
@@ -41,6 +42,7 @@ class ReplaceConfig:
     exclude: list[str] = field(default_factory=list)
     refit_images: int = 0
     refit_positions: int = 16
+    refit_mode: str = "sequential"
 
     def __post_init__(self) -> None:
         if self.block not in BLOCKS:
@@ -62,6 +64,8 @@ class ReplaceConfig:
                 raise NetslimError(f"widths[{name!r}] must be an integer >= 1, got {w!r}")
         if not isinstance(self.refit_images, int) or self.refit_images < 0:
             raise NetslimError(f"refit_images must be an integer >= 0, got {self.refit_images!r}")
+        if self.refit_mode not in REFIT_MODES:
+            raise unknown_choice("refit_mode", self.refit_mode, REFIT_MODES)
         if not isinstance(self.refit_positions, int) or self.refit_positions < 1:
             raise NetslimError(f"refit_positions must be an integer >= 1, got {self.refit_positions!r}")
 
@@ -109,7 +113,7 @@ def replace(model: nn.Module, example_input: torch.Tensor, config: ReplaceConfig
         images = image_batch(calib_data, cfg.refit_images, seed=2).to(device)
         heads = BLOCKS[cfg.block].heads
         errors = refit_heads_(work, reference.to(device), images, plan.replaced, heads, cfg.refit_positions,
-                              progress=progress)
+                              progress=progress, sequential=cfg.refit_mode == "sequential")
         details["refit_relative_error"] = {n: {"before": b, "after": a} for n, (b, a) in errors.items()}
     return ReplaceResult(work, plan, details)
 

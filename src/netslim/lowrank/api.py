@@ -14,7 +14,7 @@ from ..errors import NetslimError, unknown_choice
 from ..targets import Target, target_or_reduction
 from ..train import default_device
 from .apply import METHODS, SELECTORS, DecompositionReport, apply_plan_, plan_decomposition
-from ..refit import working_copies
+from ..refit import REFIT_MODES, working_copies
 from .refit import refit_
 from .search import TARGETS, energy_rank_search, greedy_rank_search
 
@@ -32,7 +32,9 @@ class DecomposeConfig:
     measures accuracy on. ``layers`` / ``exclude``: which layers (a name covers its submodules);
     ``ranks``: explicit ranks per layer. ``batchnorm``: a BatchNorm between spatial factors.
     ``refit_images`` > 0: refit each decomposed layer's last factor on that many images so it reproduces
-    the layer's outputs before decomposition (asymmetric reconstruction, Zhang 2016).
+    the layer's outputs before decomposition (asymmetric reconstruction, Zhang 2016); ``refit_mode``:
+    ``sequential`` (layer after layer) or ``one_pass`` (all layers from one forward pass: much faster on
+    deep models, what the search uses).
     ``reduction``: deprecated (``target: macs`` + ``reduction: 2`` is ``target: "macs:2"``)."""
 
     method: str = "auto"
@@ -47,6 +49,7 @@ class DecomposeConfig:
     ranks: dict[str, int | list[int]] = field(default_factory=dict)
     batchnorm: bool = False
     refit_images: int = 0
+    refit_mode: str = "sequential"
     latency_batch: int = 1
     reduction: float | None = field(default=None, metadata={"deprecated": "target"})
 
@@ -69,6 +72,8 @@ class DecomposeConfig:
             raise NetslimError(f"energy must be in (0, 1], got {self.energy}")
         if self.refit_images < 0:
             raise NetslimError(f"refit_images must be >= 0, got {self.refit_images}")
+        if self.refit_mode not in REFIT_MODES:
+            raise unknown_choice("refit_mode", self.refit_mode, REFIT_MODES)
         if self.sensitivity_samples < 1:
             raise NetslimError(f"sensitivity_samples must be >= 1, got {self.sensitivity_samples}")
 
@@ -129,6 +134,7 @@ def decompose(model: nn.Module, example_input: torch.Tensor, config: DecomposeCo
             raise NetslimError(f"refit_images: {cfg.refit_images} needs calib_data (images to refit on)")
         images = image_batch(calib_data, cfg.refit_images, seed=2).to(device)
         errors = refit_(work, reference.to(device), images,
-                        [n for n, p in report.layers.items() if p.skipped is None], progress=progress)
+                        [n for n, p in report.layers.items() if p.skipped is None], progress=progress,
+                        sequential=cfg.refit_mode == "sequential")
         details["refit_relative_error"] = {n: {"before": b, "after": a} for n, (b, a) in errors.items()}
     return DecomposeResult(work, report, details)

@@ -30,12 +30,14 @@ def _is_decomposed(module: nn.Module | None) -> bool:
 
 def refit_(model: nn.Module, original: nn.Module, calib_data=None, layers: list[str] | tuple[str, ...] = (),
            positions: int = 16, ridge: float = 1e-4, seed: int = 0, progress: bool = False, *,
-           calib_images: int = 256, images: torch.Tensor | None = None) -> dict[str, tuple[float, float]]:
+           calib_images: int = 256, images: torch.Tensor | None = None,
+           sequential: bool = True) -> dict[str, tuple[float, float]]:
     """Refit the last factor of each decomposed layer in ``layers`` (names of ``nn.Sequential`` replacements
     in ``model``, in forward order) to the original layer's outputs on
     ``calib_data`` (a tensor of images, or ``calib_images`` of a Dataset / DataLoader, see
     :func:`netslim.data.image_batch`). ``images=`` is the deprecated name of ``calib_data``.
 
+    ``sequential=False``: all layers from one pass (see :func:`netslim.refit.refit_heads_`).
     Returns ``{layer: (relative output error before, after)}`` measured on the sampled positions.
     """
     calib_data = renamed_argument(calib_data, images, "images", "calib_data", "refit_")
@@ -50,7 +52,7 @@ def refit_(model: nn.Module, original: nn.Module, calib_data=None, layers: list[
             raise NetslimError(f"{name!r} is not a decomposed layer of the model; decomposed: "
                                f"{', '.join(n for n, m in modules.items() if _is_decomposed(m) and n) or 'none'}")
     return refit_heads_(model, original, images, layers, lambda block: [(block[-1], None)], positions, ridge,
-                        seed, progress)
+                        seed, progress, sequential)
 
 
 __all__ = ["refit_", "least_squares"]

@@ -87,13 +87,15 @@ def apply_candidate(model: nn.Module, example_input: torch.Tensor, space: Search
         stages.append(("prune_channels", options))
     if plan["lowrank"]:
         options = {"method": "spatial", "selector": "fixed", "layers": sorted(plan["lowrank"]),
-                   "ranks": _fraction_to_ranks(work, plan["lowrank"]), "refit_images": refit_images}
+                   "ranks": _fraction_to_ranks(work, plan["lowrank"]), "refit_images": refit_images,
+                   "refit_mode": "one_pass"}
         work = decompose(work, x, DecomposeConfig(**options), calib_data=calib_images, device=device,
                          progress=False, inplace=True).model
         stages.append(("decompose", options))
     if plan["bsconv"]:
         options = {"block": "bsconv", "layers": sorted(plan["bsconv"]),
-                   "widths": _fraction_to_widths(work, plan["bsconv"]), "refit_images": refit_images}
+                   "widths": _fraction_to_widths(work, plan["bsconv"]), "refit_images": refit_images,
+                   "refit_mode": "one_pass"}
         work = replace(work, x, ReplaceConfig(**options), calib_data=calib_images, device=device, progress=False,
                        inplace=True).model
         stages.append(("replace", options))

@@ -142,6 +142,21 @@ def seeds(space: SearchSpace) -> list[dict[str, Any]]:
     return list(unique.values())
 
 
+def open_study(optuna, storage: str, name: str, sampler, attempts: int = 5):
+    """Create or load the study; SQLite waits up to a minute for a lock held by another worker, and a race
+    between workers creating the same study at once is retried."""
+    for attempt in range(attempts):
+        try:  # both the schema and the study may be created by two workers at once
+            db = (optuna.storages.RDBStorage(storage, engine_kwargs={"connect_args": {"timeout": 60}})
+                  if storage.startswith("sqlite") else storage)
+            return optuna.create_study(study_name=name, storage=db, load_if_exists=True, sampler=sampler,
+                                       directions=["maximize", "minimize", "minimize"])
+        except Exception as exc:  # sqlalchemy's IntegrityError / OperationalError when two workers start together
+            if attempt + 1 == attempts or "sqlalchemy" not in type(exc).__module__:
+                raise
+            time.sleep(0.2 + 0.3 * attempt + (os.getpid() % 7) / 10)
+
+
 def run_study(evaluator: Evaluator, goal_ms: float, *, storage: str, name: str, n_trials: int,
               timeout: float | None = None, seed: int = 0, population: int = 16, progress: bool = True,
               on_trial: Callable[[Any], None] | None = None):
@@ -150,10 +165,10 @@ def run_study(evaluator: Evaluator, goal_ms: float, *, storage: str, name: str, 
     minimize stored bytes; constraint: predicted latency <= ``goal_ms``."""
     optuna = _optuna()
     space = evaluator.space
-    sampler = optuna.samplers.NSGAIISampler(population_size=population, seed=seed,
-                                            constraints_func=lambda t: [t.user_attrs["latency_ms"] - goal_ms])
-    study = optuna.create_study(study_name=name, storage=storage, load_if_exists=True, sampler=sampler,
-                                directions=["maximize", "minimize", "minimize"])
+    per_trial = hasattr(optuna.trial.Trial, "set_constraint")  # Optuna >= 5; older ones take constraints_func
+    options = {} if per_trial else {"constraints_func": lambda t: [t.user_attrs["latency_ms"] - goal_ms]}
+    sampler = optuna.samplers.NSGAIISampler(population_size=population, seed=seed, **options)
+    study = open_study(optuna, storage, name, sampler)
     states = optuna.trial.TrialState
     if not study.trials:
         for c in seeds(space)[:n_trials]:
@@ -167,6 +182,8 @@ def run_study(evaluator: Evaluator, goal_ms: float, *, storage: str, name: str, 
         for key, value in score.to_dict().items():
             trial.set_user_attr(key, value)
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+        if per_trial:
+            trial.set_constraint("latency_ms", score.latency_ms - goal_ms)
         return score.top1, score.latency_ms, score.size_bytes
 
     def report(study, trial):

@@ -1,0 +1,276 @@
+"""Benchmark: the cross-family search (``netslim search``) against the best each single family reaches
+alone, at the same measured latency target on onnxruntime CPU (1 thread).
+
+Per (model, target): the joint search (prune + lowrank + compact + quant); the same search restricted to
+one family (structured pruning alone, low-rank alone, quantization alone including mixed precision), each
+with the same trial budget; every chosen model gets the same short KD fine-tune from the dense model.
+Each row: measured onnxruntime latency (the dense model timed in the same run), the lookup table's
+predicted latency, the search's wall time on this machine, top-1 before and after the fine-tune. The
+joint search's Pareto front is also fine-tuned point by point to measure the rank correlation (Spearman)
+between the cheap estimate (held-out training slice, no training) and top-1 after the fine-tune.
+
+CPU form (default): top-1 on a fixed 2,000-image subset of the test set, ``--ft-steps`` fine-tune steps,
+``--trials`` per search, batch 1. ``--full`` (for a GPU): full test set, ``--ft-epochs`` epochs. The JSON's
+``details.form`` says which.
+
+The peers' pipeline a user would assemble today: Torch-Pruning (MetaPruner, group L2; ``pip install
+torch-pruning``) at the channel ratio whose model, after onnxruntime's ``quantize_static`` (QDQ, per-channel
+int8 weights, uint8 activations, MinMax calibration on 256 training images), meets the same measured
+latency (bisection on the ratio), with the same KD fine-tune before quantization; top-1 of the int8 ONNX
+model in onnxruntime.
+
+    .venv/bin/python bench/auto_compress.py [--models resnet56,mobilenetv2] [--targets 3,5] [--trials 40]
+        [--families joint,prune,lowrank,quant] [--ft-steps 150] [--test-images 2000] [--merge] [--full]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import Subset
+
+import netslim
+from netslim import data as nsdata
+from netslim import zoo
+from netslim.distill import distill
+from netslim.report import write_result
+from netslim.search import SearchConfig, auto_compress
+from netslim.search.cost import measure_ms, parse_device
+from netslim.train import TrainConfig, evaluate
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+BENCH = "auto_compress"
+X = torch.randn(1, 3, 32, 32)
+FAMILY_SETS = {"joint": ["prune", "lowrank", "compact", "quant"], "prune": ["prune"], "lowrank": ["lowrank"],
+               "quant": ["quant"]}
+
+
+def spearman(a: list[float], b: list[float]) -> float | None:
+    """Spearman's rank correlation (average ranks for ties); None under 3 points."""
+    if len(a) < 3:
+        return None
+
+    def ranks(v):
+        order = sorted(range(len(v)), key=lambda i: v[i])
+        r = [0.0] * len(v)
+        i = 0
+        while i < len(order):
+            j = i
+            while j + 1 < len(order) and v[order[j + 1]] == v[order[i]]:
+                j += 1
+            for k in range(i, j + 1):
+                r[order[k]] = (i + j) / 2
+            i = j + 1
+        return r
+
+    ra, rb = ranks(a), ranks(b)
+    ma, mb = sum(ra) / len(ra), sum(rb) / len(rb)
+    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb))
+    va = sum((x - ma) ** 2 for x in ra) ** 0.5
+    vb = sum((y - mb) ** 2 for y in rb) ** 0.5
+    return cov / (va * vb) if va and vb else None
+
+
+def fine_tune(model, base, train, args) -> None:
+    """The same fine-tune for every row: KD from the dense model (weight 0.9, T = 4), SGD cosine."""
+    cfg = TrainConfig(epochs=args.ft_epochs, lr=args.ft_lr, batch_size=64, weight_decay=5e-4,
+                      max_steps_per_epoch=None if args.full else args.ft_steps)
+    distill(model, base, train, {"kd": 0.9}, config=cfg, device=args.device, progress=False)
+
+
+def trainable(model):
+    """A float copy to fine-tune: quantized models are fine-tuned through their fake-quant (STE)."""
+    return copy.deepcopy(model).train()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", default="resnet56")
+    p.add_argument("--targets", default="3")
+    p.add_argument("--families", default="joint,prune,lowrank,quant")
+    p.add_argument("--trials", type=int, default=40)
+    p.add_argument("--held-out", type=int, default=500)
+    p.add_argument("--test-images", type=int, default=2000)
+    p.add_argument("--ft-steps", type=int, default=150)
+    p.add_argument("--ft-epochs", type=int, default=None)
+    p.add_argument("--ft-lr", type=float, default=0.005)
+    p.add_argument("--front-points", type=int, default=5, help="front points fine-tuned for the rank correlation")
+    p.add_argument("--peers", action=argparse.BooleanOptionalAction, default=True,
+                   help="the Torch-Pruning + onnxruntime quantize_static row")
+    p.add_argument("--full", action="store_true")
+    p.add_argument("--merge", action="store_true")
+    p.add_argument("--out", default="bench/results")
+    p.add_argument("--runs", default="runs/bench_auto_compress")
+    args = p.parse_args()
+    logging.getLogger("netslim").setLevel(logging.ERROR)
+    args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.set_num_threads(1)
+    args.ft_epochs = args.ft_epochs or (10 if args.full else 1)
+    test_full = nsdata.get("cifar10", "test")
+    order = torch.randperm(len(test_full), generator=torch.Generator().manual_seed(0))
+    test = test_full if args.full else Subset(test_full, sorted(order[: args.test_images].tolist()))
+    train = nsdata.get("cifar10", "train", augment=True)
+    plain = nsdata.get("cifar10", "train")
+    form = "full" if args.full else "cpu"
+    ft = f"{args.ft_epochs} epochs" if args.full else f"{args.ft_steps} steps"
+    form_text = (f"{form} form: top-1 on {len(test):,} test images; every chosen model fine-tuned {ft} (batch 64, KD "
+                 f"0.9 from the dense model, SGD lr {args.ft_lr:g} cosine); searches estimate top-1 on {args.held_out} "
+                 f"held-out training images, {args.trials} trials each; latency: onnxruntime CPU, 1 thread, batch 1")
+    path = Path(args.out) / f"{BENCH}.json"
+    rows, details = [], {"form": form, "form_text": form_text, "searches": {}}
+    models = args.models.split(",")
+    if args.merge and path.exists():
+        doc = json.loads(path.read_text())
+        rows = [r for r in doc["rows"] if r["model"] not in models]
+        details["searches"] = {k: v for k, v in doc.get("details", {}).get("searches", {}).items()
+                               if k.split("@")[0] not in models}
+    device = parse_device("ort-cpu", 1, 1)
+    for name in models:
+        base = zoo.get(name, weights="shared").eval()
+        dense_ms = measure_ms(device, base, X, repeats=50)
+        base_top1 = evaluate(base, test, device=args.device)["top1"]
+        rows.append(dict(model=name, dataset="cifar10", method="dense", tool="netslim",
+                         setting={"form": form, "ort_latency_ms": dense_ms}, top1=base_top1, baseline_top1=base_top1,
+                         params=sum(q.numel() for q in base.parameters()), macs=netslim.profile(base, X, latency=False).macs,
+                         latency_ms={1: dense_ms}, baseline_latency_ms={1: dense_ms}, notes=form_text))
+        write_result(BENCH, rows, args.out, device=args.device, details=details)
+        for t in (float(v) for v in args.targets.split(",")):
+            for fam in args.families.split(","):
+                key = f"{name}@{t:g}x {fam}"
+                cfg = SearchConfig(target=f"latency:{t:g}", device="ort-cpu", families=FAMILY_SETS[fam],
+                                   trials=args.trials, held_out=args.held_out, max_drop=1.0)
+                t0 = time.time()
+                try:
+                    result = auto_compress(base, X, plain, cfg, out=Path(args.runs) / f"{name}_{t:g}x_{fam}",
+                                           refs={"model": name, "weights": "shared", "data": "cifar10"}, progress=True)
+                except netslim.NetslimError as exc:  # e.g. the family alone cannot reach the target
+                    details["searches"][key] = {"error": str(exc)}
+                    print(f"{key}: {exc}", flush=True)
+                    write_result(BENCH, rows, args.out, device=args.device, details=details)
+                    continue
+                search_s = time.time() - t0
+                chosen = result.summary["chosen"]
+                model = trainable(result.model)
+                top1_before = evaluate(model, test, device=args.device)["top1"]
+                fine_tune(model, base, train, args)
+                model.eval()
+                top1_after = evaluate(model, test, device=args.device)["top1"]
+                measured = measure_ms(device, model, X, repeats=50)
+                dense_again = measure_ms(device, base, X, repeats=50)
+                info = {"form": form, "latency_target": t, "families": FAMILY_SETS[fam], "ort_latency_ms": measured,
+                        "baseline_ort_latency_ms": dense_again, "speedup": dense_again / measured,
+                        "predicted_ms": chosen["latency_ms"], "prediction_error": chosen["latency_ms"] / measured - 1,
+                        "search_seconds": search_s, "trials": result.summary.get("trials", result.summary.get("evaluated")),
+                        "top1_estimate": chosen["top1"], "top1_before_ft": top1_before, "top1_after_ft": top1_after,
+                        "candidate": result.candidate,
+                        "latency_fit_max_error": result.summary["latency_model"]["max_fit_error"]}
+                rows.append(dict(model=name, dataset="cifar10", method=f"search {fam}", tool="netslim", setting=info,
+                                 top1=top1_after, baseline_top1=base_top1, params=sum(q.numel() for q in model.parameters()),
+                                 macs=chosen["macs"], size_bytes=chosen["size_bytes"], latency_ms={1: measured},
+                                 baseline_latency_ms={1: dense_again}, notes=form_text))
+                details["searches"][key] = {k: result.summary[k] for k in ("dense", "chosen", "verified", "latency_model",
+                                                                             "search_seconds")}
+                print(f"{key}: {dense_again / measured:.2f}x measured, top-1 {100 * top1_before:.2f} -> "
+                      f"{100 * top1_after:.2f} (dense {100 * base_top1:.2f}), search {search_s:.0f} s", flush=True)
+                if fam == "joint" and args.front_points:
+                    details["searches"][key]["rank_correlation"] = front_correlation(result, base, train, test, args)
+                write_result(BENCH, rows, args.out, device=args.device, details=details)
+            if args.peers:
+                row, info = peers_row(name, base, dense_ms / t, train, plain, test, args, form_text)
+                if row is not None:
+                    row["baseline_top1"] = base_top1
+                    rows.append(row)
+                    print(f"{name}@{t:g}x peers: {info['speedup']:.2f}x, top-1 {100 * info['top1_after_ft']:.2f}", flush=True)
+                details["searches"][f"{name}@{t:g}x peers"] = info
+                write_result(BENCH, rows, args.out, device=args.device, details=details)
+
+
+def ort_top1(onnx_model: bytes, test) -> float:
+    from netslim.export import ort_session, run_onnx
+
+    session = ort_session(onnx_model, threads=1)
+    correct = total = 0
+    loader = torch.utils.data.DataLoader(test, batch_size=250)
+    for x, y in loader:
+        out = run_onnx(session, x)[0]
+        correct += int((out.argmax(1) == y).sum())
+        total += len(y)
+    return correct / total
+
+
+def peers_row(name, base, goal_ms, train, plain, test, args, form_text):
+    """Torch-Pruning then onnxruntime quantize_static, its pruning ratio bisected to the measured goal."""
+    import torch_pruning as tp
+    from netslim.export import ort_latency_ms, ort_session
+    from netslim.targets import bisect
+    from quantization import fp32_onnx, ort_static
+
+    picked = torch.randperm(len(plain), generator=torch.Generator().manual_seed(5))[:256].tolist()
+    calibration = [torch.stack([plain[i][0] for i in picked[j:j + 32]]) for j in range(0, 256, 32)]
+
+    def prune(ratio):
+        m = copy.deepcopy(base)
+        last = [mod for mod in m.modules() if isinstance(mod, torch.nn.Linear)][-1]
+        tp.pruner.MetaPruner(m, X, importance=tp.importance.GroupMagnitudeImportance(p=2), pruning_ratio=ratio,
+                             ignored_layers=[last]).step()
+        return m
+
+    def latency(ratio):
+        m = prune(ratio)
+        q = ort_static(fp32_onnx(m), calibration, "MinMax")
+        ms = ort_latency_ms(ort_session(q, threads=1), X, (1,), threads=1, repeats=50, warmup=5)[1]
+        return ms, m
+
+    t0 = time.time()
+    found = bisect(latency, 0.0, 0.95, goal_ms, increasing=False, steps=8)
+    if found is None:
+        return None, {"error": f"Torch-Pruning + quantize_static does not reach {goal_ms:.3f} ms at any ratio <= 0.95"}
+    model = found.result
+    fine_tune(model, base, train, args)
+    model.eval()
+    q = ort_static(fp32_onnx(model), calibration, "MinMax")
+    measured = ort_latency_ms(ort_session(q, threads=1), X, (1,), threads=1, repeats=50, warmup=5)[1]
+    dense_ms = measure_ms(parse_device("ort-cpu", 1, 1), base, X, repeats=50)
+    top1 = ort_top1(q, test)
+    info = {"form": "full" if args.full else "cpu", "ratio": found.knob, "ort_latency_ms": measured,
+            "baseline_ort_latency_ms": dense_ms, "speedup": dense_ms / measured, "search_seconds": time.time() - t0,
+            "top1_after_ft": top1, "onnx_bytes": len(q)}
+    return dict(model=name, dataset="cifar10", method="Torch-Pruning + ort quantize_static", tool="torch-pruning+onnxruntime",
+                setting=info, top1=top1, baseline_top1=None, params=sum(p.numel() for p in model.parameters()),
+                macs=netslim.profile(model, X, latency=False).macs, size_bytes=len(q), latency_ms={1: measured},
+                baseline_latency_ms={1: dense_ms}, notes=form_text), info
+
+
+def front_correlation(result, base, train, test, args) -> dict:
+    """Fine-tune up to ``front_points`` points of the front (spread over latency) and correlate the cheap
+    estimate with top-1 after the fine-tune."""
+    from netslim.search.engine import Evaluator  # noqa: F401  (the result's evaluator is not kept; rebuild)
+    from netslim.search.apply import apply_candidate
+    from netslim.search.api import split_training_data
+    from netslim.search.space import build_space
+
+    front = result.front
+    step = max(1, len(front) // args.front_points)
+    picked = front[::step][: args.front_points]
+    space = build_space(base, X)
+    _, calib = split_training_data(nsdata.get("cifar10", "train"), args.held_out, 256)
+    estimates, tuned = [], []
+    for row in picked:
+        model, _ = apply_candidate(base, X, space, row["candidate"], calib)
+        model = trainable(model)
+        fine_tune(model, base, train, args)
+        estimates.append(row["top1"])
+        tuned.append(evaluate(model.eval(), test, device=args.device)["top1"])
+    return {"points": [{"estimate": e, "fine_tuned": f} for e, f in zip(estimates, tuned)],
+            "spearman": spearman(estimates, tuned)}
+
+
+if __name__ == "__main__":
+    main()
