@@ -166,7 +166,7 @@ def main() -> None:
                 dense_again = measure_ms(device, base, X, repeats=50)
                 info = {"form": form, "latency_target": t, "families": FAMILY_SETS[fam], "ort_latency_ms": measured,
                         "baseline_ort_latency_ms": dense_again, "speedup": dense_again / measured,
-                        "predicted_ms": chosen["latency_ms"], "prediction_error": chosen["latency_ms"] / measured - 1,
+                        "predicted_ms": chosen.get("predicted_ms"), "prediction_error": chosen["prediction_error"],
                         "search_seconds": search_s, "trials": result.summary.get("trials", result.summary.get("evaluated")),
                         "top1_estimate": chosen["top1"], "top1_before_ft": top1_before, "top1_after_ft": top1_after,
                         "candidate": result.candidate,

@@ -218,7 +218,7 @@ def cmd_search(args) -> int:
     print((out / "front.md").read_text())
     print(f"chosen: estimated top-1 {100 * chosen['top1']:.2f}% (dense {100 * result.dense.top1:.2f}%, held-out "
           f"training slice), {chosen['measured_ms']:.3f} ms measured on {args.device} "
-          f"({chosen['speedup_measured']:.2f}x faster; lookup table predicted {chosen['latency_ms']:.3f} ms)")
+          f"({chosen['speedup_measured']:.2f}x faster; lookup table predicted {chosen.get('predicted_ms') or 0:.3f} ms)")
     print(f"recipe: {result.recipe} (netslim compress {result.recipe} fine-tunes and exports it)")
     return 0
 

@@ -28,6 +28,7 @@ from ..errors import NetslimError
 from ..profile import profile
 from ..train import evaluate
 from .apply import apply_candidate
+from .cost import measure_ms
 from .space import SearchSpace
 
 log = logging.getLogger("netslim.search")
@@ -35,8 +36,9 @@ log = logging.getLogger("netslim.search")
 
 @dataclass
 class Score:
-    """What one candidate gives: estimated top-1 (held-out training slice), predicted latency (ms) on
-    the target, stored bytes, MACs, and the seconds it took to build and score."""
+    """What one candidate gives: estimated top-1 (held-out training slice), latency (ms) on the target -
+    measured whole when the evaluator measures, else the lookup table's prediction - the prediction
+    itself, stored bytes, MACs, and the seconds it took to build and score."""
 
     top1: float
     latency_ms: float
@@ -44,6 +46,7 @@ class Score:
     macs: int
     seconds: float
     stages: list = field(default_factory=list)
+    predicted_ms: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -69,16 +72,17 @@ def stored_size(model: nn.Module) -> int:
 
 class Evaluator:
     """Scores candidates of ``space`` for ``model``: build, repair, estimate top-1 on ``held_out`` (a
-    labelled slice of the training data), predict latency with ``table`` (a
+    labelled slice of the training data), time the model whole on ``table``'s device (``measure``) and
+    predict its latency with ``table`` (a
     :class:`~netslim.search.cost.LatencyTable`, calibrated on ``model``), or with ``predictor(model, x) -> ms``
     when given (a :class:`~netslim.search.calibration.LatencyModel`'s ``predict``)."""
 
     def __init__(self, model: nn.Module, example_input: torch.Tensor, space: SearchSpace, held_out, calib_images,
                  table, *, refit_images: int = 128, device: str | torch.device = "cpu",
-                 predictor: Callable[[nn.Module, torch.Tensor], float] | None = None) -> None:
+                 predictor: Callable[[nn.Module, torch.Tensor], float] | None = None, measure: bool = False) -> None:
         self.model, self.x, self.space = model.eval(), example_input[:1], space
         self.held_out, self.calib_images, self.table = held_out, calib_images, table
-        self.predictor = predictor
+        self.predictor, self.measure = predictor, measure
         self.refit_images, self.device = refit_images, device
         self.cache: dict[str, Score] = {}
 
@@ -99,10 +103,11 @@ class Evaluator:
         model, stages = self.build(candidate)
         top1 = evaluate(model, self.held_out, device=self.device)["top1"]
         cpu = model.cpu().eval()
-        latency = (self.predictor(cpu, self.x.cpu()) if self.predictor is not None
-                   else self.table.predict(cpu, self.x.cpu()).total_ms)
+        predicted = (self.predictor(cpu, self.x.cpu()) if self.predictor is not None
+                     else self.table.predict(cpu, self.x.cpu()).total_ms)
+        latency = measure_ms(self.table.device, cpu, self.x.cpu()) if self.measure else predicted
         macs = profile(cpu, self.x.cpu(), latency=False).macs
-        score = Score(top1, latency, stored_size(cpu), int(macs), time.perf_counter() - t0, stages)
+        score = Score(top1, latency, stored_size(cpu), int(macs), time.perf_counter() - t0, stages, predicted)
         self.cache[k] = score
         return score
 
@@ -192,7 +197,8 @@ def run_study(evaluator: Evaluator, goal_ms: float, *, storage: str, name: str, 
                     if t.user_attrs.get("latency_ms", math.inf) <= goal_ms]
         if feasible:
             best = max(feasible, key=lambda t: t.values[0])
-            bar.set_postfix_str(f"best top-1 {100 * best.values[0]:.2f}% at {best.user_attrs['latency_ms']:.3g} ms")
+            bar.set_postfix_str(f"best top-1 {100 * best.values[0]:.2f}% at {best.user_attrs['latency_ms']:.3g} ms "
+                                f"(goal {goal_ms:.3g})")
         if on_trial:
             on_trial(trial)
 
