@@ -49,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 BENCH = "auto_compress"
 X = torch.randn(1, 3, 32, 32)
 FAMILY_SETS = {"joint": ["prune", "lowrank", "compact", "quant"], "prune": ["prune"], "lowrank": ["lowrank"],
-               "quant": ["quant"]}
+               "quant": ["quant"], "greedy": ["prune", "lowrank", "compact", "quant"]}
 
 
 def spearman(a: list[float], b: list[float]) -> float | None:
@@ -94,7 +94,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default="resnet56")
     p.add_argument("--targets", default="3")
-    p.add_argument("--families", default="joint,prune,lowrank,quant")
+    p.add_argument("--families", default="joint,prune,lowrank,quant,greedy",
+                   help="rows: joint (NSGA-II over every family), prune / lowrank / quant (one family), greedy "
+                        "(NetAdapt-style over every family)")
     p.add_argument("--trials", type=int, default=40)
     p.add_argument("--held-out", type=int, default=500)
     p.add_argument("--test-images", type=int, default=2000)
@@ -126,11 +128,13 @@ def main() -> None:
     path = Path(args.out) / f"{BENCH}.json"
     rows, details = [], {"form": form, "form_text": form_text, "searches": {}}
     models = args.models.split(",")
-    if args.merge and path.exists():
+    fams = args.families.split(",")
+    if args.merge and path.exists():  # keep every row this run does not redo
         doc = json.loads(path.read_text())
-        rows = [r for r in doc["rows"] if r["model"] not in models]
+        redo = {f"search {f}" for f in fams} | ({"Torch-Pruning + ort quantize_static"} if args.peers else set())
+        rows = [r for r in doc["rows"] if r["model"] not in models or (r["method"] not in redo and r["method"] != "dense")]
         details["searches"] = {k: v for k, v in doc.get("details", {}).get("searches", {}).items()
-                               if k.split("@")[0] not in models}
+                               if k.split("@")[0] not in models or k.split(" ", 1)[1] not in {*fams, "peers"}}
     device = parse_device("ort-cpu", 1, 1)
     for name in models:
         base = zoo.get(name, weights="shared").eval()
@@ -142,10 +146,11 @@ def main() -> None:
                          latency_ms={1: dense_ms}, baseline_latency_ms={1: dense_ms}, notes=form_text))
         write_result(BENCH, rows, args.out, device=args.device, details=details)
         for t in (float(v) for v in args.targets.split(",")):
-            for fam in args.families.split(","):
+            for fam in fams:
                 key = f"{name}@{t:g}x {fam}"
                 cfg = SearchConfig(target=f"latency:{t:g}", device="ort-cpu", families=FAMILY_SETS[fam],
-                                   trials=args.trials, held_out=args.held_out, max_drop=1.0)
+                                   trials=args.trials, held_out=args.held_out, max_drop=1.0,
+                                   strategy="greedy" if fam == "greedy" else "nsga2")
                 t0 = time.time()
                 try:
                     result = auto_compress(base, X, plain, cfg, out=Path(args.runs) / f"{name}_{t:g}x_{fam}",

@@ -213,3 +213,10 @@ def test_cli_errors_are_one_line(shared, tmp_path, capsys):
         assert main(base + extra) == 2
         err = capsys.readouterr().err.strip()
         assert err.count("\n") == 0 and words in err, err
+
+
+def test_impossible_target_is_one_clear_error(resnet20, train_slice, tmp_path):
+    cfg = SearchConfig(target="latency:40", device="torch-cpu", families=["prune"], held_out=100, calib_images=32,
+                       latency_table=str(tmp_path / "table.json"))
+    with pytest.raises(NetslimError, match=r"cannot be reached on torch-cpu: .* only [0-9.]+x faster; ask for at most"):
+        auto_compress(resnet20, X, train_slice, cfg, out=tmp_path / "s", progress=False)
