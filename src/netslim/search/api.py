@@ -231,7 +231,7 @@ def verify_choice(evaluator: Evaluator, rows: list[dict], metric: str, goal: flo
     for row in near:
         model, stages = evaluator.build(row["candidate"])
         model = model.cpu().eval()
-        ms = measure_ms(target_device, model, x)
+        ms = measure_ms(target_device, model, x, rounds=5)
         verified.append({"top1": row["top1"], "latency_ms": row["latency_ms"], "predicted_ms": row.get("predicted_ms"),
                          "measured_ms": ms})
         if metric != "latency_ms" or ms <= goal:
@@ -287,7 +287,8 @@ def auto_compress(model: nn.Module, example_input: torch.Tensor, train_data, con
     space = build_space(base, x, cfg.families, exclude=cfg.exclude, max_knobs=cfg.max_knobs)
     held, calib = split_training_data(train_data, cfg.held_out, cfg.calib_images, cfg.seed)
     table = LatencyTable(target_device, cfg.latency_table)
-    dense_measured = table.calibrate(base, x)
+    table.calibrate(base, x)
+    dense_measured = measure_ms(target_device, base, x, rounds=5)
     evaluator = Evaluator(base, x, space, held, calib, table, refit_images=cfg.refit_images, device=device,
                           measure=cfg.measure and metric == "latency_ms")
     latency_model = calibrate_predictor(evaluator, space)

@@ -61,6 +61,23 @@ def _fraction_to_widths(model: nn.Module, layers: dict[str, float]) -> dict[str,
     return out
 
 
+def paying_ranks(model: nn.Module, x: torch.Tensor, ranks: dict[str, int]) -> dict[str, int]:
+    """``ranks`` less the layers where the factorization would not cut both parameters and MACs (the
+    decompose stage would skip them; leaving them out keeps the written stage exact)."""
+    from ..lowrank.apply import plan_decomposition
+
+    report = plan_decomposition(model, x, "spatial", "fixed", None, tuple(ranks), (), ranks)
+    return {n: r for n, r in ranks.items() if n in report.layers and report.layers[n].skipped is None}
+
+
+def paying_widths(model: nn.Module, x: torch.Tensor, widths: dict[str, int]) -> dict[str, int]:
+    """``widths`` less the layers where a BSConv block would not cut both parameters and MACs."""
+    from ..compact.plan import plan_replacement
+
+    plan = plan_replacement(model, x, "bsconv", 1, tuple(widths), (), widths)
+    return {n: w for n, w in widths.items() if n in plan.layers and plan.layers[n].skipped is None}
+
+
 def apply_candidate(model: nn.Module, example_input: torch.Tensor, space: SearchSpace, candidate: dict[str, Any],
                     calib_images: torch.Tensor, *, refit_images: int = 128, bn_images: int = 256,
                     device: str | torch.device = "cpu") -> tuple[nn.Module, list[tuple[str, dict]]]:
@@ -85,21 +102,21 @@ def apply_candidate(model: nn.Module, example_input: torch.Tensor, space: Search
         options = {"ratio": 0.0, "ratios": dict(plan["ratios"]), "criterion": "l1"}
         work = structured(work, x, **options).eval()
         stages.append(("prune_channels", options))
-    if plan["lowrank"]:
-        options = {"method": "spatial", "selector": "fixed", "layers": sorted(plan["lowrank"]),
-                   "ranks": _fraction_to_ranks(work, plan["lowrank"]), "refit_images": refit_images,
-                   "refit_mode": "one_pass"}
+    lowrank = paying_ranks(work, x, _fraction_to_ranks(work, plan["lowrank"])) if plan["lowrank"] else {}
+    if lowrank:
+        options = {"method": "spatial", "selector": "fixed", "layers": sorted(lowrank), "ranks": lowrank,
+                   "refit_images": refit_images, "refit_mode": "one_pass"}
         work = decompose(work, x, DecomposeConfig(**options), calib_data=calib_images, device=device,
                          progress=False, inplace=True).model
         stages.append(("decompose", options))
-    if plan["bsconv"]:
-        options = {"block": "bsconv", "layers": sorted(plan["bsconv"]),
-                   "widths": _fraction_to_widths(work, plan["bsconv"]), "refit_images": refit_images,
+    bsconv = paying_widths(work, x, _fraction_to_widths(work, plan["bsconv"])) if plan["bsconv"] else {}
+    if bsconv:
+        options = {"block": "bsconv", "layers": sorted(bsconv), "widths": bsconv, "refit_images": refit_images,
                    "refit_mode": "one_pass"}
         work = replace(work, x, ReplaceConfig(**options), calib_data=calib_images, device=device, progress=False,
                        inplace=True).model
         stages.append(("replace", options))
-    if plan["lowrank"] or plan["bsconv"] or plan["ratios"]:
+    if lowrank or bsconv or plan["ratios"]:
         recalibrate_batchnorm_(work, calib_images[:bn_images], device=device)
     if plan["bits"]:
         options = quant_options(work, plan["bits"])

@@ -73,7 +73,7 @@ def fit_latency_model(table: LatencyTable, models: dict[str, nn.Module], example
     """Measure each of ``models`` whole on ``table``'s device, fit the coefficients, and record the errors."""
     names = list(models)
     rows = [features(table, models[n], example_input) for n in names]
-    measured = [measure_ms(table.device, models[n], example_input, repeats=repeats) for n in names]
+    measured = [measure_ms(table.device, models[n], example_input, repeats=repeats, rounds=3) for n in names]
     a, y = np.array(rows), np.array(measured)
     if len(names) >= 2:  # the per-layer term may be either sign (the table's overhead subtraction can miss both ways)
         signed = nonnegative_least_squares(np.concatenate([a, -a[:, 2:3]], axis=1), y)

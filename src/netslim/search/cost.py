@@ -96,7 +96,7 @@ def _first_sample(example_input: torch.Tensor) -> torch.Tensor:
     return example_input[:1]
 
 
-def _ort_ms(device: Device, model: nn.Module, x1: torch.Tensor, warmup: int, repeats: int) -> float:
+def _ort_ms(device: Device, model: nn.Module, x1: torch.Tensor, warmup: int, repeats: int, rounds: int = 1) -> float:
     from ..export import onnx_bytes, ort_latency_ms, ort_session
     from ..surgery import safe_deepcopy
 
@@ -104,32 +104,34 @@ def _ort_ms(device: Device, model: nn.Module, x1: torch.Tensor, warmup: int, rep
         model = safe_deepcopy(model).cpu()
     model.eval()
     session = ort_session(onnx_bytes(model, x1.cpu()), threads=device.threads)
-    return ort_latency_ms(session, x1.cpu(), (device.batch,), repeats=repeats, warmup=warmup)[device.batch]
+    return min(ort_latency_ms(session, x1.cpu(), (device.batch,), repeats=repeats, warmup=warmup)[device.batch]
+               for _ in range(rounds))
 
 
-def _torch_ms(device: Device, model: nn.Module, x1: torch.Tensor, warmup: int, repeats: int) -> float:
+def _torch_ms(device: Device, model: nn.Module, x1: torch.Tensor, warmup: int, repeats: int, rounds: int = 1) -> float:
     """``model`` must already be the deployable copy (it is moved to the device)."""
     from ..profile import measure_latency
 
     where = _torch_device(device)
     threads = device.threads if where.type == "cpu" else None
     with torch.inference_mode():
-        return measure_latency(model.to(where).eval(), x1.to(where), (device.batch,), warmup, repeats,
-                               threads)[device.batch]
+        return min(measure_latency(model.to(where).eval(), x1.to(where), (device.batch,), warmup, repeats,
+                                   threads)[device.batch] for _ in range(rounds))
 
 
 def measure_ms(device: Device, model: nn.Module, example_input: torch.Tensor, *, warmup: int = 3,
-               repeats: int = 20) -> float:
+               repeats: int = 20, rounds: int = 1) -> float:
     """Median latency in ms of the whole ``model`` at batch ``device.batch`` (``example_input[:1]`` repeated),
     in eval mode, on the device's runtime: ``ort-cpu`` exports with :func:`netslim.export.onnx_bytes` (float,
     or the QDQ graph of a netslim-quantized model) and times an onnxruntime session with ``device.threads``;
     ``torch-*`` time :func:`netslim.profile.deployable_copy` with :func:`netslim.profile.measure_latency`.
-    The model itself is not changed."""
+    ``rounds`` > 1: the least of that many medians (one export), which damps the noise of other processes on
+    a shared machine. The model itself is not changed."""
     x1 = _first_sample(example_input)
     if device.name == "ort-cpu":
-        return _ort_ms(device, model, x1, warmup, repeats)
+        return _ort_ms(device, model, x1, warmup, repeats, rounds)
     from ..profile import deployable_copy
-    return _torch_ms(device, deployable_copy(model), x1, warmup, repeats)
+    return _torch_ms(device, deployable_copy(model), x1, warmup, repeats, rounds)
 
 
 def formula(model: nn.Module, example_input: torch.Tensor, metric: str) -> float:

@@ -105,7 +105,7 @@ class Evaluator:
         cpu = model.cpu().eval()
         predicted = (self.predictor(cpu, self.x.cpu()) if self.predictor is not None
                      else self.table.predict(cpu, self.x.cpu()).total_ms)
-        latency = measure_ms(self.table.device, cpu, self.x.cpu()) if self.measure else predicted
+        latency = measure_ms(self.table.device, cpu, self.x.cpu(), rounds=3) if self.measure else predicted
         macs = profile(cpu, self.x.cpu(), latency=False).macs
         score = Score(top1, latency, stored_size(cpu), int(macs), time.perf_counter() - t0, stages, predicted)
         self.cache[k] = score
@@ -204,7 +204,7 @@ def run_study(evaluator: Evaluator, goal_ms: float, *, storage: str, name: str, 
 
     remaining = n_trials - done
     if remaining > 0:
-        study.optimize(objective, n_trials=remaining, timeout=timeout,
+        study.optimize(objective, n_trials=remaining, timeout=timeout, catch=(NetslimError,),
                        callbacks=[optuna.study.MaxTrialsCallback(n_trials, states=(states.COMPLETE,)), report])
     bar.close()
     return study
