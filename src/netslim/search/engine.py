@@ -134,15 +134,18 @@ def _optuna():
 
 
 def seeds(space: SearchSpace) -> list[dict[str, Any]]:
-    """Starting points enqueued before NSGA-II samples: uniform channel keeps, uniform factorizations,
-    8-bit everywhere, and their mixes (so the first generation already holds feasible points)."""
+    """Starting points enqueued before NSGA-II samples: uniform channel keeps inside blocks (residual
+    streams whole, and thinned too), uniform factorizations, 8-bit everywhere, and their mixes (so the
+    first generation already holds feasible points)."""
     out = []
-    for keep in (1.0, 0.75, 0.5, 0.375):
+    for keep in (1.0, 0.75, 0.5, 0.375, 0.25):
         for bits in ("float", "8"):
-            out.append(space.uniform(keep=keep, bits=bits))
+            out.append(space.uniform(keep=keep, bits=bits, stream=1.0))
+    for bits in ("float", "8"):
+        out.append(space.uniform(keep=0.5, bits=bits, stream=0.75))
     for op in ("lowrank:0.5", "lowrank:0.25", "bsconv:0.34"):
         out.append(space.uniform(op=op))
-        out.append(space.uniform(keep=0.75, op=op, bits="8"))
+        out.append(space.uniform(keep=0.75, op=op, bits="8", stream=1.0))
     unique = {Evaluator.key(c): c for c in out}
     return list(unique.values())
 

@@ -3,8 +3,9 @@
 A :class:`Knob` is one decision of the search with a few discrete choices:
 
 - ``keep:<layers>``: the fraction of output channels the layer groups whose producing layers are in
-  ``<layers>`` keep (structured pruning through the dependency graph, so coupled layers move together:
-  a residual stream is named by its first producing layer, e.g. ResNet's ``conv1``);
+  ``<layers>`` keep (structured pruning through the dependency graph, so coupled layers move together);
+  ``keep:stream:<layers>`` the same for residual streams (channels several layers add into, named by
+  the first of them, e.g. ResNet's ``conv1``), which cost far more accuracy to thin;
 - ``op:<layers>``: what becomes of the dense k x k convolutions there: ``keep``, ``lowrank:<f>`` (spatial
   k x 1 / 1 x k factorization at fraction ``f`` of the full rank, Jaderberg et al. 2014) or
   ``bsconv:<f>`` (blueprint-separable BSConv-U at ``f`` of k^2 blueprints, Haase & Amthor 2020);
@@ -84,10 +85,14 @@ class SearchSpace:
             n *= len(k.choices)
         return n
 
-    def uniform(self, keep: float = 1.0, op: str = "keep", bits: str = "float") -> dict[str, Any]:
-        """The candidate with the same choice in every knob of a kind (the closest valid one)."""
-        wanted = {"keep": keep, "op": op, "bits": bits}
-        return {k.name: wanted[k.kind] if wanted[k.kind] in k.choices else k.choices[0] for k in self.knobs}
+    def uniform(self, keep: float = 1.0, op: str = "keep", bits: str = "float", stream: float | None = None) -> dict[str, Any]:
+        """The candidate with the same choice in every knob of a kind (the first choice where it is not
+        one); residual streams keep ``stream`` (default: ``keep``)."""
+        def wanted(k: Knob):
+            if k.kind == "keep":
+                return keep if stream is None or not k.name.startswith("keep:stream:") else stream
+            return op if k.kind == "op" else bits
+        return {k.name: wanted(k) if wanted(k) in k.choices else k.choices[0] for k in self.knobs}
 
     def describe(self) -> str:
         rows = [f"| {k.name} | {k.kind} | {', '.join(map(str, k.choices))} | {len(k.layers)} |" for k in self.knobs]
@@ -104,7 +109,7 @@ def tie(names: list[str], max_knobs: int, depth: int | None = None) -> dict[str,
 
     ``depth`` given: by name prefix at that depth (0: one group per name). Otherwise per name when they
     are few enough; else by the deepest name prefix giving at most ``max_knobs`` groups and at least a
-    of that (``layer1``, ``layer2``, ``layer3`` of a ResNet); else in consecutive runs of about
+    (``layer1``, ``layer2``, ``layer3`` of a ResNet); else in consecutive runs of about
     equal length (``features.0..features.7``)."""
     if depth is not None:
         return _tied(names, depth)
@@ -113,7 +118,7 @@ def tie(names: list[str], max_knobs: int, depth: int | None = None) -> dict[str,
     deepest = max((n.count(".") + 1 for n in names), default=1)
     for d in range(deepest, 0, -1):
         count = len({tie_key(n, d) for n in names})
-        if max(1, max_knobs // 2) <= count <= max_knobs:
+        if min(3, max_knobs) <= count <= max_knobs:
             return _tied(names, d)
     runs: dict[str, list[str]] = {}
     per = -(-len(names) // max_knobs)
@@ -140,8 +145,21 @@ def prune_knobs(model: nn.Module, example_input: torch.Tensor, exclude: tuple[st
     graph = trace(model, example_input)
     _fix_excluded(model, graph, exclude)
     lgs = [lg for lg in layer_groups(graph) if lg.producers and len(lg.roots) > 1]
-    firsts = list(dict.fromkeys(lg.producers[0] for lg in lgs))  # a group is named by its first producing layer
-    return [Knob(f"keep:{key}", "keep", KEEP_CHOICES, tuple(names)) for key, names in tie(firsts, max_knobs, tie_depth).items()]
+    modules = dict(model.named_modules())
+
+    def dense(name: str) -> bool:
+        m = modules.get(name)
+        return not (isinstance(m, nn.Conv2d) and m.groups > 1)
+
+    streams, internal = [], []
+    for lg in lgs:  # a stream: channels written by several dense layers (a residual path); a depthwise conv
+        # sharing its input's channels does not make one
+        (streams if sum(dense(p) for p in lg.producers) > 1 else internal).append(lg.producers[0])
+    knobs = [Knob(f"keep:{key}", "keep", KEEP_CHOICES, tuple(names))
+             for key, names in tie(list(dict.fromkeys(internal)), max_knobs, tie_depth).items()]
+    knobs += [Knob(f"keep:stream:{key}", "keep", KEEP_CHOICES, tuple(names))
+              for key, names in tie(list(dict.fromkeys(streams)), max_knobs, tie_depth).items()]
+    return knobs
 
 
 def op_knobs(model: nn.Module, families: tuple[str, ...], exclude: tuple[str, ...], max_knobs: int,
