@@ -267,6 +267,34 @@ def calibrate_predictor(evaluator: Evaluator, space):
     return fit_latency_model(evaluator.table, models, evaluator.x.cpu())
 
 
+def check_reachable(evaluator: Evaluator, space, target: Target, metric: str, dense_value: float, goal: float,
+                    device_name: str) -> None:
+    """One clear error when even the smallest models of the space miss the goal."""
+    smallest = min((evaluator(space.uniform(keep=0.25, op=op, bits=bits)) for op in ("keep", "lowrank:0.25")
+                    for bits in ("float", "8")), key=lambda s: getattr(s, metric))
+    if getattr(smallest, metric) > goal:
+        reached = dense_value / getattr(smallest, metric)
+        raise NetslimError(f"target {target} cannot be reached on {device_name}: the smallest model of the search space "
+                           f"is only {reached:.2f}x {'faster' if metric == 'latency_ms' else 'smaller'}; "
+                           f"ask for at most {max(1.0, reached):.2f}x or add families")
+
+
+def search_rows(cfg: SearchConfig, evaluator: Evaluator, goal: float, metric: str, study: str, out: Path,
+                progress: bool) -> tuple[list[dict], dict]:
+    """Run the strategy; every scored candidate as a row, and what the run was."""
+    if cfg.strategy == "greedy":
+        path = greedy_search(evaluator, goal, progress=progress)
+        rows = [{"candidate": json.loads(k), **v.to_dict()} for k, v in evaluator.cache.items()]
+        return rows, {"strategy": "greedy", "steps": len(path), "evaluated": len(evaluator.cache)}
+    storage = cfg.storage or f"sqlite:///{(out / 'study.db').resolve()}"
+    done = run_study(evaluator, goal if metric == "latency_ms" else math.inf, storage=storage, name=study,
+                     n_trials=cfg.trials, timeout=cfg.budget_seconds, seed=cfg.seed, population=cfg.population,
+                     progress=progress)
+    rows = [{"candidate": dict(t.params), **{k: t.user_attrs[k] for k in Score.__dataclass_fields__}}
+            for t in done.trials if t.state.name == "COMPLETE" and "top1" in t.user_attrs]
+    return rows, {"strategy": "nsga2", "storage": storage, "study": study, "trials": len(rows)}
+
+
 def auto_compress(model: nn.Module, example_input: torch.Tensor, train_data, config: SearchConfig | None = None, *,
                   out: str | Path = "runs/search", refs: dict[str, Any] | None = None, progress: bool = True,
                   device: str | torch.device = "cpu") -> SearchResult:
@@ -276,6 +304,7 @@ def auto_compress(model: nn.Module, example_input: torch.Tensor, train_data, con
     written recipe names (the CLI fills them; from Python pass the recipe to :func:`netslim.compress` with
     your model and data). ``device``: where candidates are built and scored (the latency target is
     ``config.device``)."""
+    started = time.time()
     cfg = config or SearchConfig()
     target = cfg.parsed_target
     metric = METRIC_OF[target.metric]
@@ -295,30 +324,13 @@ def auto_compress(model: nn.Module, example_input: torch.Tensor, train_data, con
     evaluator.predictor = latency_model.predict
     save_text(json.dumps({"coef": latency_model.coef, "fit": latency_model.fit}, indent=1), out / "latency_fit.json")
     dense = evaluator(space.identity())
-    goal = target.goal(dense_measured if metric == "latency_ms" else getattr(dense, metric))
-    smallest = min((evaluator(space.uniform(keep=0.25, op=op, bits=bits)) for op in ("keep", "lowrank:0.25")
-                    for bits in ("float", "8")), key=lambda s: getattr(s, metric))
-    if getattr(smallest, metric) > goal:
-        reached = (dense_measured if metric == "latency_ms" else getattr(dense, metric)) / getattr(smallest, metric)
-        raise NetslimError(f"target {target} cannot be reached on {cfg.device}: the smallest model of the search space "
-                           f"is only {reached:.2f}x {'faster' if metric == 'latency_ms' else 'smaller'}; "
-                           f"ask for at most {max(1.0, reached):.2f}x or add families")
-    started = time.time()
-    if cfg.strategy == "greedy":
-        path = greedy_search(evaluator, goal, progress=progress)
-        rows = [{"candidate": c, **s.to_dict()} for c, s in
-                ((json.loads(k), v) for k, v in evaluator.cache.items())]
-        study_info = {"strategy": "greedy", "steps": len(path), "evaluated": len(evaluator.cache)}
-    else:
-        storage = cfg.storage or f"sqlite:///{(out / 'study.db').resolve()}"
-        name = study_name(base, space, target_device.key, goal, cfg.held_out)
-        study = run_study(evaluator, goal if metric == "latency_ms" else math.inf, storage=storage, name=name,
-                          n_trials=cfg.trials, timeout=cfg.budget_seconds, seed=cfg.seed, population=cfg.population,
-                          progress=progress)
-        rows = [{"candidate": dict(t.params), **{k: t.user_attrs[k] for k in Score.__dataclass_fields__}}
-                for t in study.trials if t.state.name == "COMPLETE" and "top1" in t.user_attrs]
-        study_info = {"strategy": "nsga2", "storage": storage, "study": name, "trials": len(rows)}
-    elapsed = time.time() - started
+    dense_value = dense_measured if metric == "latency_ms" else getattr(dense, metric)
+    goal = target.goal(dense_value)
+    check_reachable(evaluator, space, target, metric, dense_value, goal, cfg.device)
+    search_started = time.time()
+    name = study_name(base, space, target_device.key, goal, cfg.held_out)
+    rows, study_info = search_rows(cfg, evaluator, goal, metric, name, out, progress)
+    search_seconds = time.time() - search_started
     rows = [r for r in rows if r["candidate"]]
     front = pareto_front(rows)
     chosen, final, stages, verified = verify_choice(evaluator, rows, metric, goal, target_device, x, cfg.verify)
@@ -334,9 +346,9 @@ def auto_compress(model: nn.Module, example_input: torch.Tensor, train_data, con
         "dense": dense.to_dict() | {"measured_ms": dense_measured},
         "chosen": {**chosen, "prediction_error": (chosen.get("predicted_ms") or chosen["latency_ms"]) / measured - 1,
                    "speedup_measured": dense_measured / measured, "within_max_drop": kept},
-        "verified": verified,
-        "space": [asdict(k) for k in space.knobs], "search_seconds": elapsed, "max_drop": cfg.max_drop,
-        "held_out": cfg.held_out, "table": {"hits": table.hits, "misses": table.misses, "path": str(table.path)},
+        "verified": verified, "space": [asdict(k) for k in space.knobs], "search_seconds": search_seconds,
+        "total_seconds": time.time() - started, "max_drop": cfg.max_drop, "held_out": cfg.held_out,
+        "table": {"hits": table.hits, "misses": table.misses, "path": str(table.path)},
         "latency_model": {"coef": dict(zip(FEATURES, latency_model.coef)),
                           "fit": latency_model.fit, "max_fit_error": latency_model.max_fit_error},
         **study_info,
