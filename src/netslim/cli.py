@@ -216,9 +216,11 @@ def cmd_search(args) -> int:
                                  "data_root": args.data_root}, progress=not args.no_progress)
     chosen = result.summary["chosen"]
     print((out / "front.md").read_text())
+    where = (f"{chosen['measured_ms']:.3f} ms measured on {args.device} ({chosen['speedup_measured']:.2f}x faster than "
+             f"dense; lookup table predicted {chosen.get('predicted_ms') or 0:.3f} ms)" if chosen.get("measured_ms")
+             else f"{chosen['macs']:,} MACs, {chosen['size_bytes']:,} stored bytes")
     print(f"chosen: estimated top-1 {100 * chosen['top1']:.2f}% (dense {100 * result.dense.top1:.2f}%, held-out "
-          f"training slice), {chosen['measured_ms']:.3f} ms measured on {args.device} "
-          f"({chosen['speedup_measured']:.2f}x faster; lookup table predicted {chosen.get('predicted_ms') or 0:.3f} ms)")
+          f"training slice), {where}")
     print(f"recipe: {result.recipe} (netslim compress {result.recipe} fine-tunes and exports it)")
     return 0
 

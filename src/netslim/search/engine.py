@@ -83,8 +83,23 @@ class Evaluator:
         self.model, self.x, self.space = model.eval(), example_input[:1], space
         self.held_out, self.calib_images, self.table = held_out, calib_images, table
         self.predictor, self.measure = predictor, measure
+        self.reference: tuple[float, Callable[[], float]] | None = None
         self.refit_images, self.device = refit_images, device
         self.cache: dict[str, Score] = {}
+
+    def measured(self, model: nn.Module) -> float:
+        """``model``'s latency on the target, drift-corrected: timed whole, with the reference (dense) model
+        timed right after it, and scaled by the reference's time at the start over its time now - so that
+        a slower spell of a shared machine does not make candidates look slower than the goal."""
+        ms = measure_ms(self.table.device, model, self.x.cpu(), rounds=3)
+        if self.reference is None:
+            return ms
+        start_ms, timer = self.reference
+        return ms * start_ms / timer()
+
+    def set_reference(self, start_ms: float) -> None:
+        """Time the dense model alongside every candidate from now on (see :meth:`measured`)."""
+        self.reference = (start_ms, reference_timer(self.table.device, self.model, self.x.cpu()))
 
     @staticmethod
     def key(candidate: dict[str, Any]) -> str:
@@ -105,11 +120,23 @@ class Evaluator:
         cpu = model.cpu().eval()
         predicted = (self.predictor(cpu, self.x.cpu()) if self.predictor is not None
                      else self.table.predict(cpu, self.x.cpu()).total_ms)
-        latency = measure_ms(self.table.device, cpu, self.x.cpu(), rounds=3) if self.measure else predicted
+        latency = self.measured(cpu) if self.measure else predicted
         macs = profile(cpu, self.x.cpu(), latency=False).macs
         score = Score(top1, latency, stored_size(cpu), int(macs), time.perf_counter() - t0, stages, predicted)
         self.cache[k] = score
         return score
+
+
+def reference_timer(device, model: nn.Module, x: torch.Tensor) -> Callable[[], float]:
+    """A function timing ``model`` on ``device`` again and again (on onnxruntime one export, one session:
+    the least of three medians per call)."""
+    if device.name == "ort-cpu":
+        from ..export import onnx_bytes, ort_latency_ms, ort_session
+
+        session = ort_session(onnx_bytes(model.eval(), x), threads=device.threads)
+        return lambda: min(ort_latency_ms(session, x, (device.batch,), repeats=20, warmup=2)[device.batch]
+                           for _ in range(3))
+    return lambda: measure_ms(device, model, x, rounds=3)
 
 
 def study_name(model: nn.Module, space: SearchSpace, device_key: str, goal_ms: float, held_out_size: int) -> str:
