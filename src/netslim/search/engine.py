@@ -128,14 +128,9 @@ class Evaluator:
 
 
 def reference_timer(device, model: nn.Module, x: torch.Tensor) -> Callable[[], float]:
-    """A function timing ``model`` on ``device`` again and again (on onnxruntime one export, one session:
-    the least of three medians per call)."""
-    if device.name == "ort-cpu":
-        from ..export import onnx_bytes, ort_latency_ms, ort_session
-
-        session = ort_session(onnx_bytes(model.eval(), x), threads=device.threads)
-        return lambda: min(ort_latency_ms(session, x, (device.batch,), repeats=20, warmup=2)[device.batch]
-                           for _ in range(3))
+    """A function timing ``model`` on ``device`` again, by the very protocol candidates are timed with (a
+    fresh export and session each call on onnxruntime: a session kept warm across trials runs faster than
+    a new one and would bias every comparison against the candidates)."""
     return lambda: measure_ms(device, model, x, rounds=3)
 
 
