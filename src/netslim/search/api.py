@@ -30,7 +30,7 @@ from ..errors import NetslimError, unknown_choice
 from ..io import save_text
 from ..targets import Target, parse_target
 from .cost import DEVICES, LatencyTable, measure_ms, parse_device
-from .engine import Evaluator, Score, greedy_search, reference_timer, run_study, study_name
+from .engine import Evaluator, Score, greedy_search, reference_timer, run_study, smallest_candidates, study_name
 from .calibration import FEATURES
 from .space import FAMILIES, build_space
 
@@ -277,8 +277,7 @@ def calibrate_predictor(evaluator: Evaluator, space):
 def check_reachable(evaluator: Evaluator, space, target: Target, metric: str, dense_value: float, goal: float,
                     device_name: str) -> None:
     """One clear error when even the smallest models of the space miss the goal."""
-    smallest = min((evaluator(space.uniform(keep=0.25, op=op, bits=bits)) for op in ("keep", "lowrank:0.25")
-                    for bits in ("float", "8")), key=lambda s: getattr(s, metric))
+    smallest = min((evaluator(c) for c in smallest_candidates(space)), key=lambda s: getattr(s, metric))
     if getattr(smallest, metric) > goal:
         reached = dense_value / getattr(smallest, metric)
         raise NetslimError(f"target {target} cannot be reached on {device_name}: the smallest model of the search space "

@@ -168,6 +168,10 @@ def seeds(space: SearchSpace) -> list[dict[str, Any]]:
     for op in ("lowrank:0.5", "lowrank:0.25", "bsconv:0.34"):
         out.append(space.uniform(op=op))
         out.append(space.uniform(keep=0.75, op=op, bits="8", stream=1.0))
+    for keep, stream in ((0.5, 0.5), (0.375, 0.5), (0.25, 0.25)):  # the fast end, so deep targets have a start
+        for bits in ("float", "8"):
+            out.append(space.uniform(keep=keep, bits=bits, stream=stream))
+    out += smallest_candidates(space)
     unique = {Evaluator.key(c): c for c in out}
     return list(unique.values())
 
@@ -185,6 +189,11 @@ def open_study(optuna, storage: str, name: str, sampler, attempts: int = 5):
             if attempt + 1 == attempts or "sqlalchemy" not in type(exc).__module__:
                 raise
             time.sleep(0.2 + 0.3 * attempt + (os.getpid() % 7) / 10)
+
+
+def smallest_candidates(space: SearchSpace) -> list[dict[str, Any]]:
+    """The fastest corners of the space: every channel kept at the least, with and without low rank and int8."""
+    return [space.uniform(keep=0.25, op=op, bits=bits) for op in ("keep", "lowrank:0.25") for bits in ("float", "8")]
 
 
 def run_study(evaluator: Evaluator, goal_ms: float, *, storage: str, name: str, n_trials: int,
