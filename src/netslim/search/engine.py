@@ -236,10 +236,21 @@ def run_study(evaluator: Evaluator, goal_ms: float, *, storage: str, name: str, 
         if on_trial:
             on_trial(trial)
 
-    remaining = n_trials - done
-    if remaining > 0:
-        study.optimize(objective, n_trials=remaining, timeout=timeout, catch=(NetslimError,),
-                       callbacks=[optuna.study.MaxTrialsCallback(n_trials, states=(states.COMPLETE,)), report])
+    deadline = None if timeout is None else time.time() + timeout
+    before = -1
+    while True:
+        done = len(study.get_trials(deepcopy=False, states=(states.COMPLETE,)))
+        left = None if deadline is None else deadline - time.time()
+        if done >= n_trials or (left is not None and left <= 0) or done == before:
+            break  # finished, out of time, or a whole round failed (every candidate raised)
+        before = done
+        try:
+            study.optimize(objective, n_trials=n_trials - done, timeout=left, catch=(NetslimError,),
+                           callbacks=[optuna.study.MaxTrialsCallback(n_trials, states=(states.COMPLETE,)), report])
+        except ValueError as exc:  # two workers on SQLite both took the same queued trial; the other told it
+            if "Cannot tell" not in str(exc):
+                raise
+            log.info("a queued trial was finished by another worker; continuing")
     bar.close()
     return study
 
