@@ -92,9 +92,24 @@ def interleaved_ms(device, model, base, rounds: int = 3) -> tuple[float, float]:
     return min(p[0] for p in pairs), min(p[1] for p in pairs)
 
 
-def trainable(model):
-    """A float copy to fine-tune: quantized models are fine-tuned through their fake-quant (STE)."""
-    return copy.deepcopy(model).train()
+def tuned_model(base, families, candidate, calib, train, args):
+    """The recipe's order: the candidate's structure in float (channels, factorizations, blocks, refit on
+    training images), the KD fine-tune, then post-training quantization of the layers the candidate puts
+    in 8 / 4 bits, calibrated on training images."""
+    from netslim.quant import QuantConfig, quantize
+    from netslim.search.apply import apply_candidate, plan_of, quant_options
+    from netslim.search.space import build_space
+
+    space = build_space(base, X, families)
+    floating = {k: ("float" if k.startswith("bits:") else v) for k, v in candidate.items()}
+    model, _ = apply_candidate(base, X, space, floating, calib)
+    fine_tune(model, base, train, args)
+    model.eval()
+    bits = plan_of(space, candidate)["bits"]
+    if bits:
+        batches = [calib[i:i + 64] for i in range(0, len(calib), 64)]
+        model = quantize(model, X, batches, QuantConfig(**quant_options(model, bits)), device="cpu")
+    return model.eval()
 
 
 def main() -> None:
@@ -127,6 +142,8 @@ def main() -> None:
     test = test_full if args.full else Subset(test_full, sorted(order[: args.test_images].tolist()))
     train = nsdata.get("cifar10", "train", augment=True)
     plain = nsdata.get("cifar10", "train")
+    from netslim.search.api import split_training_data
+    _, calib = split_training_data(plain, args.held_out, 256)  # the search's own calibration images
     form = "full" if args.full else "cpu"
     ft = f"{args.ft_epochs} epochs" if args.full else f"{args.ft_steps} steps"
     form_text = (f"{form} form: top-1 on {len(test):,} test images; every chosen model fine-tuned {ft} (batch 64, KD "
@@ -169,11 +186,9 @@ def main() -> None:
                     continue
                 search_s = time.time() - t0
                 chosen = result.summary["chosen"]
-                model = trainable(result.model)
                 before_ms, _ = interleaved_ms(device, result.model, base)
-                top1_before = evaluate(model, test, device=args.device)["top1"]
-                fine_tune(model, base, train, args)
-                model.eval()
+                top1_before = evaluate(result.model, test, device=args.device)["top1"]
+                model = tuned_model(base, FAMILY_SETS[fam], result.candidate, calib, train, args)
                 top1_after = evaluate(model, test, device=args.device)["top1"]
                 measured, dense_again = interleaved_ms(device, model, base)
                 info = {"form": form, "latency_target": t, "families": FAMILY_SETS[fam], "ort_latency_ms": measured,
@@ -193,7 +208,7 @@ def main() -> None:
                 print(f"{key}: {dense_again / measured:.2f}x measured, top-1 {100 * top1_before:.2f} -> "
                       f"{100 * top1_after:.2f} (dense {100 * base_top1:.2f}), search {search_s:.0f} s", flush=True)
                 if fam == "joint" and args.front_points:
-                    details["searches"][key]["rank_correlation"] = front_correlation(result, base, train, test, args)
+                    details["searches"][key]["rank_correlation"] = front_correlation(result, base, calib, train, test, args)
                 write_result(BENCH, rows, args.out, device=args.device, details=details)
             if args.peers:
                 row, info = peers_row(name, base, dense_ms / t, train, plain, test, args, form_text)
@@ -264,26 +279,17 @@ def peers_row(name, base, goal_ms, train, plain, test, args, form_text):
                 baseline_latency_ms={1: dense_ms}, notes=form_text), info
 
 
-def front_correlation(result, base, train, test, args) -> dict:
-    """Fine-tune up to ``front_points`` points of the front (spread over latency) and correlate the cheap
-    estimate with top-1 after the fine-tune."""
-    from netslim.search.engine import Evaluator  # noqa: F401  (the result's evaluator is not kept; rebuild)
-    from netslim.search.apply import apply_candidate
-    from netslim.search.api import split_training_data
-    from netslim.search.space import build_space
-
+def front_correlation(result, base, calib, train, test, args) -> dict:
+    """Fine-tune up to ``front_points`` points of the front (spread over latency) as the recipe does and
+    correlate the cheap estimate with top-1 after the fine-tune."""
     front = result.front
     step = max(1, len(front) // args.front_points)
     picked = front[::step][: args.front_points]
-    space = build_space(base, X)
-    _, calib = split_training_data(nsdata.get("cifar10", "train"), args.held_out, 256)
     estimates, tuned = [], []
     for row in picked:
-        model, _ = apply_candidate(base, X, space, row["candidate"], calib)
-        model = trainable(model)
-        fine_tune(model, base, train, args)
+        model = tuned_model(base, FAMILY_SETS["joint"], row["candidate"], calib, train, args)
         estimates.append(row["top1"])
-        tuned.append(evaluate(model.eval(), test, device=args.device)["top1"])
+        tuned.append(evaluate(model, test, device=args.device)["top1"])
     return {"points": [{"estimate": e, "fine_tuned": f} for e, f in zip(estimates, tuned)],
             "spearman": spearman(estimates, tuned)}
 
