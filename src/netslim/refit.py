@@ -104,7 +104,6 @@ def original_targets(original: nn.Module, names: list[str], images: torch.Tensor
     """:func:`original_target` of every layer in ``names`` from one forward pass of ``original`` (positions
     drawn in forward order); only the sampled positions are kept, so memory stays small."""
     got: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    wanted = set(names)
 
     def hook(name):
         def fn(module, _inp, out):
@@ -117,7 +116,7 @@ def original_targets(original: nn.Module, names: list[str], images: torch.Tensor
             got[name] = (idx, _pick(y, idx).double())
         return fn
 
-    handles = [original.get_submodule(n).register_forward_hook(hook(n)) for n in names if n in wanted]
+    handles = [original.get_submodule(n).register_forward_hook(hook(n)) for n in names]
     try:
         with torch.no_grad():
             original.eval()(images)

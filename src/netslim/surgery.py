@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import copy
 
+import torch
+
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -41,7 +43,6 @@ def replace_module_(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
 
 def io_shapes(model: nn.Module, example_input, kinds: tuple[type, ...]) -> dict[str, tuple[tuple, tuple]]:
     """Input and output shapes of every module of ``kinds`` on one forward pass."""
-    import torch
 
     shapes: dict[str, tuple[tuple, tuple]] = {}
     handles = []
@@ -50,13 +51,20 @@ def io_shapes(model: nn.Module, example_input, kinds: tuple[type, ...]) -> dict[
             def hook(m, inputs, output, name=name):
                 shapes.setdefault(name, (tuple(inputs[0].shape), tuple(output.shape)))
             handles.append(module.register_forward_hook(hook))
+    forward_once(model, example_input, handles)
+    return shapes
+
+
+def forward_once(model: nn.Module, inputs, handles) -> None:
+    """One forward pass of ``model`` on ``inputs`` in eval mode without gradients (a tuple or list of
+    positional inputs is not unpacked: pass what ``model`` takes), for the hooks in ``handles`` to observe;
+    the hooks are removed and the model's training mode restored afterwards, whatever happens."""
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            model(example_input)
+            model(inputs)
     finally:
         model.train(was_training)
         for h in handles:
             h.remove()
-    return shapes

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ..errors import NetslimError, unknown_choice
+from ..surgery import forward_once
 
 DEVICES = ("ort-cpu", "torch-cpu", "torch-cuda")
 FORMULAS = ("macs", "params", "size")  # formula metrics, via netslim.targets.measure
@@ -227,15 +228,7 @@ def _scan(model: nn.Module, example_input: torch.Tensor, batch: int) -> list[_Un
             handles.append(m.register_forward_hook(act_hook))
     for n, m in named:
         handles.append(m.register_forward_hook(unit_hook(n)))
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(example_input)
-    finally:
-        model.train(was_training)
-        for h in handles:
-            h.remove()
+    forward_once(model, example_input, handles)
     graph_q = _graph_quantized_inputs(model)
     units = []
     for n, m in named:
