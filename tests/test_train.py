@@ -136,3 +136,102 @@ def test_ddp_two_cpu_processes_on_gloo(tmp_path, torchrun):
         assert n == "256" and epochs == "3"  # evaluation summed over both shards
         assert float(top1) > 0.9
     assert (tmp_path / "ddp.ckpt").is_file()
+
+
+# ------------------------------------------------------------------ the device-resident data path
+def image_data(n=192, augment=True, seed=0):
+    """A tiny in-memory colour dataset: the label is which of the three channels is brightest."""
+    import numpy as np
+
+    from netslim.data import DATASETS, ImageTensorDataset
+    from netslim.data.sources import RawSplit
+
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 3, n)
+    images = rng.integers(0, 120, (n, 3, 8, 8)).astype(np.uint8)
+    images[np.arange(n), labels] += 120
+    return ImageTensorDataset(RawSplit(images, labels.astype(np.int64)), DATASETS["cifar10"], augment=augment)
+
+
+def image_model(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(8, 3))
+
+
+def test_resident_batches_without_augmentation_equal_the_dataset_items():
+    from torch.utils.data import Subset
+
+    from netslim.data.resident import resident_images
+
+    data = Subset(Subset(image_data(augment=False), list(range(10, 150))), list(range(5, 60)))
+    batches = list(resident_images(data, "cpu").batches(16, augment=False))
+    x = torch.cat([b[0] for b in batches])
+    y = torch.cat([b[1] for b in batches])
+    assert len(batches) == 4 and x.shape == (55, 3, 8, 8)
+    for i in (0, 17, 54):
+        xi, yi = data[i]
+        torch.testing.assert_close(x[i], xi, atol=1e-5, rtol=0)
+        assert int(y[i]) == int(yi)
+
+
+def test_batched_crop_flip_gives_crops_and_flips_of_each_image():
+    from netslim.data.resident import crop_flip
+
+    x = torch.randint(0, 256, (64, 3, 6, 6), dtype=torch.uint8)
+    out = crop_flip(x, pad=2, generator=torch.Generator().manual_seed(0))
+    flipped = 0
+    for i in range(64):
+        padded = torch.nn.functional.pad(x[i], (2, 2, 2, 2))
+        crops = [padded[:, a:a + 6, b:b + 6] for a in range(5) for b in range(5)]
+        plain = any(torch.equal(out[i], c) for c in crops)
+        mirror = any(torch.equal(out[i], c.flip(-1)) for c in crops)
+        assert plain or mirror, f"sample {i} is no crop of its image"
+        flipped += mirror and not plain
+    assert 15 < flipped < 49  # about half flipped
+
+
+def test_fit_on_an_image_dataset_batches_on_the_device_not_per_sample(monkeypatch):
+    from netslim.data import ImageTensorDataset
+
+    data = image_data()
+    model = image_model()
+
+    def per_sample(self, i):
+        raise AssertionError("the resident path must not read samples one by one")
+
+    monkeypatch.setattr(ImageTensorDataset, "__getitem__", per_sample)
+    history = fit(model, data, TrainConfig(epochs=6, lr=0.1, batch_size=32), device="cpu", progress=False)
+    monkeypatch.undo()
+    assert history[-1]["train_top1"] > 0.8 and history[-1]["train_loss"] < history[0]["train_loss"]
+    assert evaluate(model, image_data(augment=False), device="cpu")["top1"] > 0.8
+    with pytest.raises(AssertionError, match="one by one"):  # the old path still reads per sample
+        monkeypatch.setattr(ImageTensorDataset, "__getitem__", per_sample)
+        fit(image_model(), data, TrainConfig(epochs=1, resident_data=False), device="cpu", progress=False)
+
+
+def test_resident_path_resumes_to_the_same_weights(tmp_path):
+    data = image_data()
+    cfg = TrainConfig(epochs=3, lr=0.05, batch_size=32, channels_last=True)
+    straight = image_model()
+    fit(straight, data, cfg, device="cpu", progress=False)
+
+    class StopAfter(TrainHook):
+        def on_epoch_end(self, model, epoch):
+            if epoch == 1:
+                raise KeyboardInterrupt
+
+    ckpt = tmp_path / "train.ckpt"
+    with pytest.raises(KeyboardInterrupt):
+        fit(image_model(), data, cfg, device="cpu", checkpoint_path=ckpt, hooks=[StopAfter()], progress=False)
+    resumed = image_model(seed=7)
+    fit(resumed, data, cfg, device="cpu", checkpoint_path=ckpt, progress=False)
+    for a, b in zip(straight.parameters(), resumed.parameters()):
+        torch.testing.assert_close(a, b)
+
+
+def test_speed_knobs_are_checked():
+    with pytest.raises(NetslimError, match="amp_dtype.*bfloat16"):
+        TrainConfig(amp_dtype="fp8")
+    with pytest.raises(NetslimError, match="channels_last must be true or false"):
+        TrainConfig(channels_last="yes")

@@ -28,17 +28,26 @@ from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
 from .errors import NetslimError, unknown_choice
+from .data.resident import ResidentImages, resident_images
 from .io import save_torch
 
 log = logging.getLogger("netslim.train")
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("cosine", "constant", "step")
+AMP_DTYPES = ("bfloat16", "float16")
 
 
 @dataclass
 class TrainConfig:
-    """Knobs of :func:`fit`; the ``finetune`` recipe stage takes exactly these fields."""
+    """Knobs of :func:`fit`; the ``finetune`` recipe stage takes exactly these fields.
+
+    The speed knobs: ``resident_data`` keeps an in-memory image dataset (CIFAR, MNIST) on the
+    training device as uint8 and augments whole batches there (:mod:`netslim.data.resident`);
+    ``channels_last`` trains in NHWC; ``amp`` on CUDA autocasts to ``amp_dtype`` (bfloat16 needs
+    no loss scaling; float16 uses a ``GradScaler``); ``compile`` runs the model through
+    ``torch.compile``.
+    """
 
     epochs: int = 1
     lr: float = 0.01
@@ -55,6 +64,10 @@ class TrainConfig:
     workers: int = 0
     max_steps_per_epoch: int | None = None
     eval_every: int = 0
+    resident_data: bool = True
+    channels_last: bool = False
+    amp_dtype: str = "bfloat16"
+    compile: bool = False
 
     def __post_init__(self) -> None:
         _check_field_types(self)
@@ -62,6 +75,8 @@ class TrainConfig:
             raise unknown_choice("optimizer", self.optimizer, OPTIMIZERS)
         if self.schedule not in SCHEDULES:
             raise unknown_choice("schedule", self.schedule, SCHEDULES)
+        if self.amp_dtype not in AMP_DTYPES:
+            raise unknown_choice("amp_dtype", self.amp_dtype, AMP_DTYPES)
         if self.epochs < 0 or self.batch_size < 1:
             raise NetslimError(f"epochs must be >= 0 and batch_size >= 1, got {self.epochs} and {self.batch_size}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
@@ -74,7 +89,7 @@ class TrainConfig:
 
 _INT_FIELDS = ("epochs", "batch_size", "seed", "workers", "eval_every")
 _FLOAT_FIELDS = ("lr", "momentum", "weight_decay", "warmup_epochs", "label_smoothing")
-_BOOL_FIELDS = ("nesterov", "amp")
+_BOOL_FIELDS = ("nesterov", "amp", "resident_data", "channels_last", "compile")
 
 
 def _check_field_types(cfg) -> None:
@@ -93,7 +108,7 @@ def _check_field_types(cfg) -> None:
     for name in _BOOL_FIELDS:
         if not isinstance(getattr(cfg, name), bool):
             raise NetslimError(f"{name} must be true or false, got {getattr(cfg, name)!r}")
-    for name in ("optimizer", "schedule"):
+    for name in ("optimizer", "schedule", "amp_dtype"):
         if not isinstance(getattr(cfg, name), str):
             raise NetslimError(f"{name} must be a string, got {getattr(cfg, name)!r}")
 
@@ -201,12 +216,15 @@ def evaluate(model: nn.Module, data: DataLoader | Dataset, device: str | torch.d
     sampler = None
     if is_distributed() and not isinstance(data, DataLoader):
         sampler = DistributedSampler(data, shuffle=False, drop_last=False)
-    loader = _as_loader(data, batch_size, sampler)
+    resident = None if sampler is not None else resident_images(data, device, augment=False)
+    loader = (resident.batches(batch_size, augment=False) if resident is not None
+              else _as_loader(data, batch_size, sampler))
     was_training = model.training
     model.eval().to(device)
     totals = torch.zeros(4, dtype=torch.float64, device=device)  # correct1, correct5, loss, n
     try:
-        batches = tqdm(loader, desc="evaluate", leave=False, disable=not progress or rank() != 0)
+        total = resident.num_batches(batch_size) if resident is not None else None
+        batches = tqdm(loader, total=total, desc="evaluate", leave=False, disable=not progress or rank() != 0)
         for i, (x, y) in enumerate(batches):
             if max_batches is not None and i >= max_batches:
                 break
@@ -305,6 +323,15 @@ def _load_checkpoint(path: Path, model: nn.Module, optimizer, scaler, hooks=()) 
             from None
 
 
+def _bf16_ok(device: torch.device) -> bool:
+    return device.type != "cuda" or torch.cuda.is_bf16_supported()
+
+
+def _epoch_generator(device: torch.device, seed: int, epoch: int) -> torch.Generator:
+    """The device-side generator of one epoch's order and crops: a resumed run replays the same epoch."""
+    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + epoch + 1_000 * rank())
+
+
 def fit(model: nn.Module, train_data: Dataset | DataLoader, config: TrainConfig | None = None, *,
         hooks: Sequence[TrainHook] = (), eval_data: Dataset | DataLoader | None = None,
         checkpoint_path: str | Path | None = None, device: str | torch.device | None = None,
@@ -319,21 +346,33 @@ def fit(model: nn.Module, train_data: Dataset | DataLoader, config: TrainConfig 
     device = check_device(device) if device is not None else default_device()
     seed_everything(cfg.seed + rank())
     model.to(device).train()
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
     net: nn.Module = model
     sampler = None
     if is_distributed():
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
         if not isinstance(train_data, DataLoader):
             sampler = DistributedSampler(train_data, shuffle=True, seed=cfg.seed, drop_last=True)
-    loader = train_data if isinstance(train_data, DataLoader) else DataLoader(
-        train_data, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler,
-        num_workers=cfg.workers, drop_last=len(train_data) > cfg.batch_size, persistent_workers=cfg.workers > 0)
-    steps_per_epoch = len(loader) if cfg.max_steps_per_epoch is None else min(len(loader), cfg.max_steps_per_epoch)
+    if cfg.compile:
+        net = torch.compile(net)
+    resident = (resident_images(train_data, device) if cfg.resident_data and sampler is None
+                and not isinstance(train_data, DataLoader) else None)
+    drop_last = len(train_data) > cfg.batch_size
+    loader = None
+    if resident is None:
+        loader = train_data if isinstance(train_data, DataLoader) else DataLoader(
+            train_data, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler,
+            num_workers=cfg.workers, drop_last=drop_last, persistent_workers=cfg.workers > 0)
+    batches_per_epoch = len(loader) if loader is not None else resident.num_batches(cfg.batch_size, drop_last)
+    steps_per_epoch = batches_per_epoch if cfg.max_steps_per_epoch is None else min(batches_per_epoch,
+                                                                                     cfg.max_steps_per_epoch)
     total_steps = max(1, steps_per_epoch * cfg.epochs)
     optimizer = make_optimizer(model, cfg)
     base_lrs = [g["lr"] for g in optimizer.param_groups]
     use_amp = cfg.amp and device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda") if use_amp else None
+    amp_dtype = torch.bfloat16 if cfg.amp_dtype == "bfloat16" and _bf16_ok(device) else torch.float16
+    scaler = torch.amp.GradScaler("cuda") if use_amp and amp_dtype == torch.float16 else None
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     for h in hooks:
         h.on_train_start(model, optimizer)
@@ -349,8 +388,11 @@ def fit(model: nn.Module, train_data: Dataset | DataLoader, config: TrainConfig 
         if sampler is not None:
             sampler.set_epoch(epoch)
         net.train()
-        seen, correct, loss_sum = 0, 0, 0.0
-        bar = tqdm(loader, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+        seen, correct, loss_sum = 0, 0.0, torch.zeros((), device=device)
+        epoch_batches = (loader if resident is None else resident.batches(
+            cfg.batch_size, shuffle=True, drop_last=drop_last, channels_last=cfg.channels_last,
+            generator=_epoch_generator(device, cfg.seed, epoch)))
+        bar = tqdm(epoch_batches, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                    disable=not progress or rank() != 0, leave=False, mininterval=1.0)
         for i, (x, y) in enumerate(bar):
             if i >= steps_per_epoch:
@@ -359,12 +401,14 @@ def fit(model: nn.Module, train_data: Dataset | DataLoader, config: TrainConfig 
             for g, lr in zip(optimizer.param_groups, base_lrs):
                 g["lr"] = lr * lr_factor(cfg, step, total_steps, steps_per_epoch)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with torch.autocast(device_type=device.type, enabled=use_amp):
+            if cfg.channels_last and x.dim() == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=use_amp):
                 out = net(x)
                 loss = criterion(out, y)
                 for h in hooks:
                     loss = h.loss(model, x, y, out, loss)
-            if not torch.isfinite(loss):
+            if (device.type != "cuda" or i % 25 == 0) and not torch.isfinite(loss):  # a GPU checks now and then
                 raise NetslimError(f"training diverged: loss is {loss.item()} at epoch {epoch + 1}, step {i}; lower lr")
             optimizer.zero_grad(set_to_none=True)
             if scaler is not None:
@@ -377,10 +421,11 @@ def fit(model: nn.Module, train_data: Dataset | DataLoader, config: TrainConfig 
             for h in hooks:
                 h.after_step(model)
             seen += y.numel()
-            correct += (out.detach().argmax(1) == y).sum().item()
-            loss_sum += loss.item() * y.numel()
-            if i % 20 == 0:
-                bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.4f}")
+            correct += (out.detach().argmax(1) == y).sum()
+            loss_sum += loss.detach() * y.numel()
+            if i % 20 == 0 and not bar.disable:
+                bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", acc=f"{float(correct) / seen:.4f}")
+        loss_sum, correct = loss_sum.item(), float(correct)
         for h in hooks:
             h.on_epoch_end(model, epoch)
         record = {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1), "train_top1": correct / max(seen, 1),
@@ -399,5 +444,28 @@ def fit(model: nn.Module, train_data: Dataset | DataLoader, config: TrainConfig 
     return state.history
 
 
-__all__ = ["TrainConfig", "TrainHook", "fit", "evaluate", "init_distributed", "seed_everything", "default_device",
+def training_throughput(model: nn.Module, train_data: Dataset, config: TrainConfig | None = None, *,
+                        steps: int = 20, warmup: int = 5, device: str | torch.device | None = None) -> float:
+    """Training images per second of :func:`fit` with ``config`` on ``device``: ``warmup`` steps
+    (allocator, cuDNN autotuning, ``torch.compile``) and then ``steps`` timed steps. Trains ``model``."""
+    import time
+
+    cfg = config or TrainConfig()
+    device = check_device(device) if device is not None else default_device()
+
+    def run(n: int) -> float:
+        c = TrainConfig(**{**asdict(cfg), "epochs": 1, "max_steps_per_epoch": n})
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fit(model, train_data, c, device=device, progress=False)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - start
+
+    run(warmup)
+    return steps * cfg.batch_size / run(steps)
+
+
+__all__ = ["TrainConfig", "TrainHook", "fit", "training_throughput", "evaluate", "init_distributed", "seed_everything", "default_device",
            "check_device"]
