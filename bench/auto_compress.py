@@ -10,8 +10,11 @@ joint search's Pareto front is also fine-tuned point by point to measure the ran
 between the cheap estimate (held-out training slice, no training) and top-1 after the fine-tune.
 
 CPU form (default): top-1 on a fixed 2,000-image subset of the test set, ``--ft-steps`` fine-tune steps,
-``--trials`` per search, batch 1. ``--full`` (for a GPU): full test set, ``--ft-epochs`` epochs. The JSON's
-``details.form`` says which.
+``--trials`` per search, batch 1. ``--full`` (for a GPU, else the CPU): full test set, ``--ft-epochs``
+epochs (default 10). ``--dry-run`` keeps the chosen form and every code path but makes it tiny (64 test,
+held-out and calibration images, only the search's seeded trials, 1 epoch of at most 2 steps, cheap
+latency) on the CPU to prove a command line works. The JSON's ``details.form`` (``cpu``, ``full`` or
+``dry-run``) and ``details.form_text`` say which.
 
 The peers' pipeline a user would assemble today: Torch-Pruning (MetaPruner, group L2; ``pip install
 torch-pruning``) at the channel ratio whose model, after onnxruntime's ``quantize_static`` (QDQ, per-channel
@@ -20,7 +23,7 @@ latency (bisection on the ratio), with the same KD fine-tune before quantization
 model in onnxruntime.
 
     .venv/bin/python bench/auto_compress.py [--models resnet56,mobilenetv2] [--targets 3,5] [--trials 40]
-        [--families joint,prune,lowrank,quant] [--ft-steps 150] [--test-images 2000] [--merge] [--full]
+        [--families joint,prune,lowrank,quant] [--ft-steps 150] [--test-images 2000] [--merge] [--full] [--dry-run]
 """
 from __future__ import annotations
 
@@ -48,6 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 BENCH = "auto_compress"
 X = torch.randn(1, 3, 32, 32)
+TIMING = {"repeats": 50, "rounds": 5, "pair_rounds": 3, "warmup": 5, "calib": 256}  # --dry-run: cheaper
 FAMILY_SETS = {"joint": ["prune", "lowrank", "compact", "quant"], "prune": ["prune"], "lowrank": ["lowrank"],
                "quant": ["quant"], "greedy": ["prune", "lowrank", "compact", "quant"]}
 
@@ -81,15 +85,36 @@ def spearman(a: list[float], b: list[float]) -> float | None:
 def fine_tune(model, base, train, args) -> None:
     """The same fine-tune for every row: KD from the dense model (weight 0.9, T = 4), SGD cosine."""
     cfg = TrainConfig(epochs=args.ft_epochs, lr=args.ft_lr, batch_size=64, weight_decay=5e-4,
-                      max_steps_per_epoch=None if args.full else args.ft_steps)
+                      max_steps_per_epoch=(2 if args.dry_run else None) if args.full else args.ft_steps)
     distill(model, base, train, {"kd": 0.9}, config=cfg, device=args.device, progress=False)
+    model.cpu()
+    base.cpu()
 
 
-def interleaved_ms(device, model, base, rounds: int = 3) -> tuple[float, float]:
+def top1(model, test, device) -> float:
+    """Top-1 on ``device``; the model goes back to the CPU (the search, export and timing read it there)."""
+    result = evaluate(model, test, device=device)["top1"]
+    model.cpu()
+    return result
+
+
+def interleaved_ms(device, model, base, rounds: int | None = None) -> tuple[float, float]:
     """Least of ``rounds`` medians of the model and of the dense model, timed alternately (the same noise
     hits both)."""
-    pairs = [(measure_ms(device, model, X, repeats=50), measure_ms(device, base, X, repeats=50)) for _ in range(rounds)]
+    r = TIMING["repeats"]
+    pairs = [(measure_ms(device, model, X, repeats=r), measure_ms(device, base, X, repeats=r))
+             for _ in range(rounds or TIMING["pair_rounds"])]
     return min(p[0] for p in pairs), min(p[1] for p in pairs)
+
+
+def dry_run_trials(base, family: str, trials: int) -> int:
+    """``--dry-run``'s trials: the search's seeded starting points only (2 for quant alone, 26 for the joint
+    space of ResNet-56), which end at the fastest corners of the space, so a dry run reaches the target
+    when the real run can and goes on through the fine-tune; two trials would stop at the dense end."""
+    from netslim.search.engine import seeds
+    from netslim.search.space import build_space
+
+    return max(1, min(trials, len(seeds(build_space(base, X, FAMILY_SETS[family])))))
 
 
 def tuned_model(base, families, candidate, calib, train, args):
@@ -128,27 +153,41 @@ def main() -> None:
     p.add_argument("--front-points", type=int, default=5, help="front points fine-tuned for the rank correlation")
     p.add_argument("--peers", action=argparse.BooleanOptionalAction, default=True,
                    help="the Torch-Pruning + onnxruntime quantize_static row")
-    p.add_argument("--full", action="store_true")
+    p.add_argument("--full", action="store_true", help="full form: the whole test set, --ft-epochs epochs (default 10)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="the chosen form made tiny (64 test / held-out / calibration images, only the search's seeded "
+                        "trials, 2 fine-tune steps)")
     p.add_argument("--merge", action="store_true")
     p.add_argument("--out", default="bench/results")
-    p.add_argument("--runs", default="runs/bench_auto_compress")
+    p.add_argument("--runs", default="runs/bench_auto_compress",
+                   help="the searches' run folders (under --dry-run: its dry-run/ subfolder, apart from real studies)")
     args = p.parse_args()
     logging.getLogger("netslim").setLevel(logging.ERROR)
-    args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    args.device = "cuda" if torch.cuda.is_available() and not args.dry_run else "cpu"  # a dry run: the CPU
     torch.set_num_threads(1)
     args.ft_epochs = args.ft_epochs or (10 if args.full else 1)
+    if args.dry_run:
+        args.ft_epochs, args.ft_steps = 1, min(args.ft_steps, 2)
+        args.held_out, args.front_points = min(args.held_out, 64), min(args.front_points, 2)
+        TIMING.update(repeats=2, rounds=1, pair_rounds=1, warmup=1, calib=64)
+        args.runs = str(Path(args.runs) / "dry-run")
     test_full = nsdata.get("cifar10", "test")
     order = torch.randperm(len(test_full), generator=torch.Generator().manual_seed(0))
-    test = test_full if args.full else Subset(test_full, sorted(order[: args.test_images].tolist()))
+    n_test = 64 if args.dry_run else (len(test_full) if args.full else args.test_images)
+    test = test_full if n_test >= len(test_full) else Subset(test_full, sorted(order[:n_test].tolist()))
     train = nsdata.get("cifar10", "train", augment=True)
     plain = nsdata.get("cifar10", "train")
     from netslim.search.api import split_training_data
-    _, calib = split_training_data(plain, args.held_out, 256)  # the search's own calibration images
-    form = "full" if args.full else "cpu"
-    ft = f"{args.ft_epochs} epochs" if args.full else f"{args.ft_steps} steps"
-    form_text = (f"{form} form: top-1 on {len(test):,} test images; every chosen model fine-tuned {ft} (batch 64, KD "
+    _, calib = split_training_data(plain, args.held_out, TIMING["calib"])  # the search's own calibration images
+    form = "dry-run" if args.dry_run else ("full" if args.full else "cpu")
+    ft = (f"{args.ft_epochs} epochs{' of at most 2 steps' if args.dry_run else ''}" if args.full
+          else f"{args.ft_steps} steps")
+    dry = " (dry run: tiny, proves the command only)" if args.dry_run else ""
+    form_text = (f"{'full' if args.full else 'cpu'} form{dry}: top-1 on {len(test):,} test images; every chosen model fine-tuned {ft} (batch 64, KD "
                  f"0.9 from the dense model, SGD lr {args.ft_lr:g} cosine); searches estimate top-1 on {args.held_out} "
-                 f"held-out training images, {args.trials} trials each; latency: onnxruntime CPU, 1 thread, batch 1")
+                 f"held-out training images, "
+                 f"{'the seeded starting points (at most ' if args.dry_run else ''}{args.trials}"
+                 f"{')' if args.dry_run else ''} trials each; latency: onnxruntime CPU, 1 thread, batch 1")
     path = Path(args.out) / f"{BENCH}.json"
     rows, details = [], {"form": form, "form_text": form_text, "searches": {}}
     models = args.models.split(",")
@@ -162,8 +201,8 @@ def main() -> None:
     device = parse_device("ort-cpu", 1, 1)
     for name in models:
         base = zoo.get(name, weights="shared").eval()
-        dense_ms = measure_ms(device, base, X, repeats=50, rounds=5)
-        base_top1 = evaluate(base, test, device=args.device)["top1"]
+        dense_ms = measure_ms(device, base, X, repeats=TIMING["repeats"], rounds=TIMING["rounds"])
+        base_top1 = top1(base, test, args.device)
         rows.append(dict(model=name, dataset="cifar10", method="dense", tool="netslim",
                          setting={"form": form, "ort_latency_ms": dense_ms}, top1=base_top1, baseline_top1=base_top1,
                          params=sum(q.numel() for q in base.parameters()), macs=netslim.profile(base, X, latency=False).macs,
@@ -172,9 +211,11 @@ def main() -> None:
         for t in (float(v) for v in args.targets.split(",")):
             for fam in fams:
                 key = f"{name}@{t:g}x {fam}"
+                tiny = ({"trials": dry_run_trials(base, fam, args.trials), "calib_images": TIMING["calib"],
+                         "refit_images": 64} if args.dry_run else {"trials": args.trials})
                 cfg = SearchConfig(target=f"latency:{t:g}", device="ort-cpu", families=FAMILY_SETS[fam],
-                                   trials=args.trials, held_out=args.held_out, max_drop=1.0,
-                                   strategy="greedy" if fam == "greedy" else "nsga2")
+                                   held_out=args.held_out, max_drop=1.0, strategy="greedy" if fam == "greedy" else "nsga2",
+                                   **tiny)
                 t0 = time.time()
                 try:
                     result = auto_compress(base, X, plain, cfg, out=Path(args.runs) / f"{name}_{t:g}x_{fam}",
@@ -187,9 +228,9 @@ def main() -> None:
                 search_s = time.time() - t0
                 chosen = result.summary["chosen"]
                 before_ms, _ = interleaved_ms(device, result.model, base)
-                top1_before = evaluate(result.model, test, device=args.device)["top1"]
+                top1_before = top1(result.model, test, args.device)
                 model = tuned_model(base, FAMILY_SETS[fam], result.candidate, calib, train, args)
-                top1_after = evaluate(model, test, device=args.device)["top1"]
+                top1_after = top1(model, test, args.device)
                 measured, dense_again = interleaved_ms(device, model, base)
                 info = {"form": form, "latency_target": t, "families": FAMILY_SETS[fam], "ort_latency_ms": measured,
                         "baseline_ort_latency_ms": dense_again, "speedup": dense_again / measured,
@@ -240,8 +281,9 @@ def peers_row(name, base, goal_ms, train, plain, test, args, form_text):
     from netslim.targets import bisect
     from quantization import fp32_onnx, ort_static
 
-    picked = torch.randperm(len(plain), generator=torch.Generator().manual_seed(5))[:256].tolist()
-    calibration = [torch.stack([plain[i][0] for i in picked[j:j + 32]]) for j in range(0, 256, 32)]
+    n = TIMING["calib"]
+    picked = torch.randperm(len(plain), generator=torch.Generator().manual_seed(5))[:n].tolist()
+    calibration = [torch.stack([plain[i][0] for i in picked[j:j + 32]]) for j in range(0, n, 32)]
 
     def prune(ratio):
         m = copy.deepcopy(base)
@@ -254,7 +296,8 @@ def peers_row(name, base, goal_ms, train, plain, test, args, form_text):
         m = prune(ratio)
         q = ort_static(fp32_onnx(m), calibration, "MinMax")
         session = ort_session(q, threads=1)
-        ms = min(ort_latency_ms(session, X, (1,), repeats=50, warmup=5)[1] for _ in range(3))
+        ms = min(ort_latency_ms(session, X, (1,), repeats=TIMING["repeats"], warmup=TIMING["warmup"])[1]
+                 for _ in range(TIMING["pair_rounds"]))
         return ms, m
 
     t0 = time.time()
@@ -266,15 +309,16 @@ def peers_row(name, base, goal_ms, train, plain, test, args, form_text):
     model.eval()
     q = ort_static(fp32_onnx(model), calibration, "MinMax")
     session = ort_session(q, threads=1)
-    pairs = [(ort_latency_ms(session, X, (1,), repeats=50, warmup=5)[1],
-              measure_ms(parse_device("ort-cpu", 1, 1), base, X, repeats=50)) for _ in range(3)]
+    pairs = [(ort_latency_ms(session, X, (1,), repeats=TIMING["repeats"], warmup=TIMING["warmup"])[1],
+              measure_ms(parse_device("ort-cpu", 1, 1), base, X, repeats=TIMING["repeats"]))
+             for _ in range(TIMING["pair_rounds"])]
     measured, dense_ms = min(p[0] for p in pairs), min(p[1] for p in pairs)
-    top1 = ort_top1(q, test)
-    info = {"form": "full" if args.full else "cpu", "ratio": found.knob, "ort_latency_ms": measured,
-            "baseline_ort_latency_ms": dense_ms, "speedup": dense_ms / measured, "search_seconds": time.time() - t0,
-            "top1_after_ft": top1, "onnx_bytes": len(q)}
+    int8_top1 = ort_top1(q, test)
+    info = {"form": "dry-run" if args.dry_run else ("full" if args.full else "cpu"), "ratio": found.knob,
+            "ort_latency_ms": measured, "baseline_ort_latency_ms": dense_ms, "speedup": dense_ms / measured,
+            "search_seconds": time.time() - t0, "top1_after_ft": int8_top1, "onnx_bytes": len(q)}
     return dict(model=name, dataset="cifar10", method="Torch-Pruning + ort quantize_static", tool="torch-pruning+onnxruntime",
-                setting=info, top1=top1, baseline_top1=None, params=sum(p.numel() for p in model.parameters()),
+                setting=info, top1=int8_top1, baseline_top1=None, params=sum(p.numel() for p in model.parameters()),
                 macs=netslim.profile(model, X, latency=False).macs, size_bytes=len(q), latency_ms={1: measured},
                 baseline_latency_ms={1: dense_ms}, notes=form_text), info
 
@@ -289,7 +333,7 @@ def front_correlation(result, base, calib, train, test, args) -> dict:
     for row in picked:
         model = tuned_model(base, FAMILY_SETS["joint"], row["candidate"], calib, train, args)
         estimates.append(row["top1"])
-        tuned.append(evaluate(model, test, device=args.device)["top1"])
+        tuned.append(top1(model, test, args.device))
     return {"points": [{"estimate": e, "fine_tuned": f} for e, f in zip(estimates, tuned)],
             "spearman": spearman(estimates, tuned)}
 

@@ -9,11 +9,14 @@ after the same short fine-tune with KD from the dense model for every row; param
 batch 1 and 64 in torch and in onnxruntime (one thread), the dense model measured in the same run.
 
 CPU form (default): top-1 on a fixed 2,000-image subset of the test set, a few dozen fine-tune steps.
-``--full`` (for a GPU): the full test set, ``--ft-epochs`` epochs of fine-tuning, 1,024 refit images.
-The JSON's ``details.form`` and every row's notes say which form produced them.
+``--full`` (for a GPU, else the CPU): the full test set, ``--ft-epochs`` epochs of fine-tuning, 1,024
+refit images. ``--dry-run`` keeps the chosen form and every code path but makes it tiny (64 test and
+refit images, 1 epoch of at most 2 steps, 1 latency repeat) on the CPU to prove a command line works. The JSON's
+``details.form`` (``cpu``, ``full`` or ``dry-run``) and ``details.form_text``, and every row's notes, say
+which form produced them.
 
     .venv/bin/python bench/compact_filters.py [--models vgg16,resnet56] [--targets 2,3] [--blocks separable,bsconv,fire,crelu]
-        [--test-images 2000] [--ft-steps 30] [--refit-images 256] [--merge] [--full]
+        [--test-images 2000] [--ft-steps 30] [--refit-images 256] [--merge] [--full [--ft-epochs 10]] [--dry-run]
 """
 from __future__ import annotations
 
@@ -42,14 +45,23 @@ from netslim.train import TrainConfig, evaluate
 
 X = torch.randn(1, 3, 32, 32)
 BENCH = "compact_filters"
+REPEATS = {"latency": 15, "interleaved": 7}  # --dry-run: 1
 
 
 def macs(model: nn.Module) -> int:
-    return netslim.profile(model, X, latency=False).macs
+    return netslim.profile(model, X.to(next(model.parameters()).device), latency=False).macs
 
 
-def latencies(model: nn.Module, repeats: int = 15) -> dict[str, dict[int, float]]:
+def top1(model: nn.Module, test, device) -> float:
+    """Top-1 on ``device``; the model goes back to the CPU (conversion, pruning and profiling read it there)."""
+    result = evaluate(model, test, device=device)["top1"]
+    model.cpu()
+    return result
+
+
+def latencies(model: nn.Module, repeats: int | None = None) -> dict[str, dict[int, float]]:
     """Median ms at batch 1 and 64: torch (one thread) and onnxruntime (one thread), CPU."""
+    repeats = repeats or REPEATS["latency"]
     cpu = copy.deepcopy(model).cpu().eval()
     torch_ms = netslim.profile(cpu, X, batch_sizes=(1, 64), repeats=repeats, warmup=2).latency_ms
     with tempfile.TemporaryDirectory() as tmp:
@@ -62,8 +74,10 @@ def latencies(model: nn.Module, repeats: int = 15) -> dict[str, dict[int, float]
 def fine_tune(model: nn.Module, base: nn.Module, train, args, device: str) -> None:
     """The same fine-tune for every row: KD from the dense model (Hinton 2015, weight 0.9, T = 4)."""
     cfg = TrainConfig(epochs=args.ft_epochs, lr=args.ft_lr, batch_size=args.ft_batch, weight_decay=5e-4,
-                      max_steps_per_epoch=None if args.full else args.ft_steps)
+                      max_steps_per_epoch=(2 if args.dry_run else None) if args.full else args.ft_steps)
     distill(model, base, train, {"kd": 0.9}, config=cfg, device=device, progress=False)
+    model.cpu()
+    base.cpu()
 
 
 def candidates(base: nn.Module, name: str, t: float, blocks: list[str], images: torch.Tensor, device: str):
@@ -118,7 +132,7 @@ def rebuild(base: nn.Module, row: dict) -> nn.Module:
 
 def interleaved(base: nn.Module, model: nn.Module, rounds: int = 2) -> tuple[dict, dict]:
     """Dense and row measured alternately ``rounds`` times (7 runs each), the best median of each kept."""
-    got = [(latencies(base, 7), latencies(model, 7)) for _ in range(rounds)]
+    got = [(latencies(base, REPEATS["interleaved"]), latencies(model, REPEATS["interleaved"])) for _ in range(rounds)]
     best = lambda k: {rt: {b: min(g[k][rt][b] for g in got) for b in (1, 64)} for rt in ("torch", "ort")}  # noqa: E731
     return best(0), best(1)
 
@@ -160,29 +174,37 @@ def main() -> None:
     p.add_argument("--ft-lr", type=float, default=0.005)
     p.add_argument("--refit-images", type=int, default=None, help="training images of the refit (256; --full 1024)")
     p.add_argument("--full", action="store_true", help="GPU form: full test set, epochs of fine-tuning")
+    p.add_argument("--dry-run", action="store_true",
+                   help="the chosen form made tiny (64 test / refit images, 2 fine-tune steps, 1 latency repeat)")
     p.add_argument("--merge", action="store_true", help="keep rows of models not run now from the existing JSON")
     p.add_argument("--out", default="bench/results")
     p.add_argument("--latency-pass", action="store_true", help="only re-measure the latencies of <out>/compact_filters.json")
     args = p.parse_args()
     logging.getLogger("netslim.compact").setLevel(logging.ERROR)
     logging.getLogger("netslim.lowrank").setLevel(logging.ERROR)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = "cuda" if torch.cuda.is_available() and not args.dry_run else "cpu"  # a dry run: the CPU
     if device == "cpu":
         torch.set_num_threads(1)
     if args.latency_pass:
         return latency_pass(Path(args.out) / f"{BENCH}.json", args.models.split(","))
     args.ft_epochs = args.ft_epochs or (10 if args.full else 1)
     args.refit_images = args.refit_images or (1024 if args.full else 256)
+    if args.dry_run:
+        args.ft_epochs, args.ft_steps, args.refit_images = 1, min(args.ft_steps, 2), min(args.refit_images, 64)
+        REPEATS.update(latency=1, interleaved=1)
     test_full = nsdata.get("cifar10", "test")
     order = torch.randperm(len(test_full), generator=torch.Generator().manual_seed(0))
-    test = test_full if args.full else Subset(test_full, sorted(order[: args.test_images].tolist()))
+    n_test = 64 if args.dry_run else (len(test_full) if args.full else args.test_images)
+    test = test_full if n_test >= len(test_full) else Subset(test_full, sorted(order[:n_test].tolist()))
     train = nsdata.get("cifar10", "train", augment=True)
     plain = nsdata.get("cifar10", "train")  # the refit reads training images, never the test set
     picked = torch.randperm(len(plain), generator=torch.Generator().manual_seed(2))[: args.refit_images].tolist()
     images = torch.stack([plain[i][0] for i in picked])
-    form_word = "full" if args.full else "cpu"
-    ft = f"{args.ft_epochs} epochs" if args.full else f"{args.ft_steps} steps"
-    form = (f"{'full' if args.full else 'CPU'} form: top-1 on {len(test):,} test images; refit on {args.refit_images} "
+    form_word = "dry-run" if args.dry_run else ("full" if args.full else "cpu")
+    ft = (f"{args.ft_epochs} epochs{' of at most 2 steps' if args.dry_run else ''}" if args.full
+          else f"{args.ft_steps} steps")
+    form = (f"{'full' if args.full else 'CPU'} form{' (dry run: tiny, proves the command only)' if args.dry_run else ''}"
+            f": top-1 on {len(test):,} test images; refit on {args.refit_images} "
             f"training images; fine-tune {ft} of batch {args.ft_batch} with KD 0.9 from the dense model (SGD lr "
             f"{args.ft_lr:g} cosine), the same for every row; latency on CPU, 1 thread, torch and onnxruntime")
     models = args.models.split(",")
@@ -196,9 +218,9 @@ def main() -> None:
         details["layers"] = {k: v for k, v in doc.get("details", {}).get("layers", {}).items()
                              if k.split("@")[0] not in models}
     for name in models:
-        base = zoo.get(name, weights="shared").eval().to(device)
+        base = zoo.get(name, weights="shared").eval()
         dense_macs = macs(base)
-        base_top1 = evaluate(base, test, device=device)["top1"]
+        base_top1 = top1(base, test, device)
         base_lat = latencies(base)
         rows.append(dict(model=name, dataset="cifar10", method="dense", tool="netslim", setting={"form": form_word,
                          "ort_latency_ms": base_lat["ort"]}, top1=base_top1, baseline_top1=base_top1,
@@ -215,11 +237,11 @@ def main() -> None:
 
         for t, (method, tool, converted, refit, info) in cells():
             t0 = time.time()
-            top1_converted = evaluate(converted, test, device=device)["top1"]
+            top1_converted = top1(converted, test, device)
             model = refit if refit is not None else converted
-            top1_refit = evaluate(model, test, device=device)["top1"] if refit is not None else None
+            top1_refit = top1(model, test, device) if refit is not None else None
             fine_tune(model, base, train, args, device)
-            top1_ft = evaluate(model, test, device=device)["top1"]
+            top1_ft = top1(model, test, device)
             lat = latencies(model)
             m = macs(model)
             reduction = dense_macs / m

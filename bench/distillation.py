@@ -9,11 +9,15 @@ divided by the batch size because netslim's PKT sums over the batch per anchor i
 Second part: ResNet-56 structurally pruned to 2x fewer MACs (``netslim.prune.structured``, L1 filter
 norms), then fine-tuned with the same budget with plain cross-entropy vs. KD from the unpruned model.
 
-The GPU form trains every method for ``--epochs`` epochs and tests on the whole test set; without a GPU
-the CPU form trains ``--steps`` steps per method and tests on a fixed random subset of
-``--test-images`` test images. The JSON's ``details.form`` says which.
+The epochs form (``--full``, or by default when there is a GPU) trains every method for ``--epochs``
+epochs and tests on the whole test set, on the GPU when there is one, else the CPU; the CPU form (by
+default without a GPU) trains ``--steps`` steps per method and tests on a fixed random subset of
+``--test-images`` test images. ``--dry-run`` keeps the chosen form and every code path but makes it tiny
+(1 epoch of at most 2 steps, 64 test images) on the CPU to prove a command line works. The JSON's
+``details.form`` is ``full``, ``cpu`` or ``dry-run``; ``details.form_text`` describes it.
 
     .venv/bin/python bench/distillation.py [--steps 300] [--test-images 2000] [--methods KD,AT] [--skip-pruned]
+        [--full [--epochs 30]] [--dry-run]
 """
 from __future__ import annotations
 
@@ -54,14 +58,16 @@ def methods(batch_size: int) -> dict[str, tuple[dict[str, float] | None, object]
 
 
 def model_size(model) -> tuple[int, int]:
-    prof = netslim.profile(model, X, latency=False)
+    prof = netslim.profile(model, X.to(next(model.parameters()).device), latency=False)
     return prof.params, prof.macs
 
 
 def train_config(args, device: str) -> TrainConfig:
-    if device == "cuda":
+    """The epochs form (``--full``, or a GPU without ``--full``): ``--epochs`` epochs; the CPU form: ``--steps``
+    steps (``--dry-run`` has set both to at most 1 epoch of 2 steps)."""
+    if args.epochs_form:
         return TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
-                           workers=args.workers)
+                           workers=args.workers, max_steps_per_epoch=2 if args.dry_run else None)
     return TrainConfig(epochs=1, lr=args.lr, batch_size=args.batch_size, seed=args.seed, workers=args.workers,
                        max_steps_per_epoch=args.steps)
 
@@ -74,10 +80,12 @@ def student_from_scratch(seed: int):
 def distillation_rows(args, device, train, test, teacher, teacher_top1, form, details, rows, save) -> None:
     cfg = train_config(args, device)
     table = methods(args.batch_size)
-    chosen = list(table) if args.methods == "all" else [m.strip() for m in args.methods.split(",")]
-    unknown = [m for m in chosen if m not in table]
+    names = {m.lower(): m for m in table}  # case-insensitive: "kd+crd" is "KD+CRD"
+    asked = list(table) if args.methods == "all" else [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in asked if m.lower() not in names]
     if unknown:
         raise SystemExit(f"unknown methods {unknown}; valid: {', '.join(table)}")
+    chosen = [names[m.lower()] for m in asked]
     for name in chosen:
         losses, layers = table[name]
         student = student_from_scratch(args.seed)
@@ -104,8 +112,9 @@ def distillation_rows(args, device, train, test, teacher, teacher_top1, form, de
 
 
 def budget(args, device: str) -> dict:
-    if device == "cuda":
-        return {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr}
+    if args.epochs_form:
+        return {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
+                **({"max_steps_per_epoch": 2} if args.dry_run else {})}
     return {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr}
 
 
@@ -150,10 +159,15 @@ def pruned_rows(args, device, train, test, teacher, teacher_top1, form, details,
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--methods", default="all", help="comma-separated subset of: " + ", ".join(methods(128)))
+    p.add_argument("--methods", default="all",
+                   help="comma-separated subset (any case) of: " + ", ".join(methods(128)))
     p.add_argument("--steps", type=int, default=300, help="CPU form: training steps per method")
-    p.add_argument("--epochs", type=int, default=30, help="GPU form: training epochs per method")
+    p.add_argument("--epochs", type=int, default=30, help="epochs form (--full or a GPU): training epochs per method")
     p.add_argument("--test-images", type=int, default=2000, help="CPU form: size of the fixed random test subset")
+    p.add_argument("--full", action="store_true",
+                   help="the epochs form (--epochs, whole test set) even without a GPU (default: with a GPU)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="the chosen form made tiny (1 epoch of at most 2 steps, 64 test images) to prove it runs")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--ft-lr", type=float, default=0.01, help="learning rate of the pruned model's fine-tuning")
@@ -165,21 +179,29 @@ def main() -> None:
     p.add_argument("--out", default="bench/results")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    gpu = torch.cuda.is_available()
+    device = "cuda" if gpu and not args.dry_run else "cpu"  # a dry run: the CPU, in the form a GPU would choose
+    args.epochs_form = args.full or gpu
+    if args.dry_run:
+        args.epochs, args.steps = min(args.epochs, 1), min(args.steps, 2)
     test_full = nsdata.get("cifar10", "test")
-    if device == "cpu" and args.test_images < len(test_full):
+    n_test = 64 if args.dry_run else (len(test_full) if args.epochs_form else args.test_images)
+    if n_test < len(test_full):
         order = torch.randperm(len(test_full), generator=torch.Generator().manual_seed(0))
-        test = Subset(test_full, sorted(order[: args.test_images].tolist()))
+        test = Subset(test_full, sorted(order[:n_test].tolist()))
     else:
         test = test_full
     train = nsdata.get("cifar10", "train", augment=True)
-    if device == "cuda":
-        form = (f"GPU form: {args.epochs} epochs per method, batch {args.batch_size}, SGD lr {args.lr} cosine; "
-                f"top-1 on all {len(test):,} test images")
+    dry = " (dry run: tiny, proves the command only)" if args.dry_run else ""
+    if args.epochs_form:
+        form = (f"{'full' if args.full else 'GPU'} form{dry}: {args.epochs} epochs per method"
+                f"{' of at most 2 steps' if args.dry_run else ''}, batch {args.batch_size}, SGD lr {args.lr} cosine, "
+                f"on {device}; top-1 on {'all ' if len(test) == len(test_full) else ''}{len(test):,} test images")
     else:
-        form = (f"CPU form: {args.steps} steps per method ({args.steps * args.batch_size / len(train):.2f} epochs), "
+        form = (f"CPU form{dry}: {args.steps} steps per method ({args.steps * args.batch_size / len(train):.2f} epochs), "
                 f"batch {args.batch_size}, SGD lr {args.lr} cosine; top-1 on a fixed random subset of "
                 f"{len(test):,} test images")
+    form_word = "dry-run" if args.dry_run else ("full" if args.epochs_form else "cpu")
     teacher = zoo.get("resnet56", weights="shared").to(device).eval()
     teacher_top1 = evaluate(teacher, test, device=device)["top1"]
     reference = zoo.get("resnet20", weights="shared").to(device).eval()
@@ -196,7 +218,7 @@ def main() -> None:
              notes="the fully trained student for context, not the same budget; " + form),
     ]
     print(f"teacher resnet56 top1 {100 * teacher_top1:.2f}; resnet20 reference {100 * ref_top1:.2f}; {form}", flush=True)
-    details = {"form": form, "methods": {}, "pruned": "not run yet"}
+    details = {"form": form_word, "form_text": form, "methods": {}, "pruned": "not run yet"}
     rows = list(reference_rows)
 
     def save():

@@ -10,10 +10,15 @@ Reported: MACs, params, top-1 as decomposed, after the refit, and after the same
 KD from the dense model (the best netslim config and the best peer config of each target), CPU
 latency at batch 1 and 64 measured in the same run as the dense model.
 
-The GPU form fine-tunes for epochs; without a GPU (this file's default) the CPU form evaluates on
-a fixed random subset of the test set and fine-tunes for a few hundred steps. The JSON says which.
+CPU form (default): top-1 on a fixed random subset of the test set, a fine-tune of ``--ft-steps`` steps.
+``--full``: the whole test set, a fine-tune of ``--ft-epochs`` epochs (on the GPU when there is one, else
+the CPU), CP-ALS / Tucker-HOOI at 100 iterations. ``--dry-run`` keeps the chosen form and every code path
+but makes it tiny (64 test, search and refit images, 1 epoch of at most 2 steps, 2 ALS iterations, cheap
+latency) on the CPU to prove a command line works. The JSON's ``details.form`` is ``cpu``, ``full`` or ``dry-run``;
+``details.form_text`` describes it.
 
     .venv/bin/python bench/lowrank.py [--models vgg16,resnet56] [--targets 2,3] [--test-images 2000] [--ft-steps 150] [--merge]
+        [--full [--ft-epochs 10]] [--dry-run]
 """
 from __future__ import annotations
 
@@ -45,8 +50,18 @@ X = torch.randn(1, 3, 32, 32)
 ALS_ITERS = 100 if torch.cuda.is_available() else 6  # CP-ALS / Tucker-HOOI iterations (CPU form: fewer)
 
 
+LATENCY = {"repeats": 15, "warmup": 3}  # --dry-run: cheaper
+
+
 def macs(model: nn.Module) -> int:
-    return netslim.profile(model, X, latency=False).macs
+    return netslim.profile(model, X.to(next(model.parameters()).device), latency=False).macs
+
+
+def top1(model: nn.Module, test, device) -> float:
+    """Top-1 on ``device``; the model goes back to the CPU (decomposition, refit and profiling run there)."""
+    result = evaluate(model, test, device=device)["top1"]
+    model.cpu()
+    return result
 
 
 def bisect_knob(build, target_macs: int, lo: float = 0.02, hi: float = 1.0, steps: int = 14):
@@ -126,7 +141,10 @@ def previous_rows(path: Path, rerun: dict[str, set[float]], details: dict) -> tu
 
 
 def latency(model) -> dict[int, float]:
-    return netslim.profile(model, X, batch_sizes=(1, 64), repeats=15, warmup=3).latency_ms
+    """CPU latency at batch 1 and 64 (of a CPU copy when the model sits on a GPU)."""
+    if next(model.parameters()).device.type != "cpu":
+        model = copy.deepcopy(model).cpu()
+    return netslim.profile(model, X, batch_sizes=(1, 64), **LATENCY).latency_ms
 
 
 def decomposed_layers(model: nn.Module, base: nn.Module) -> list[str]:
@@ -136,11 +154,20 @@ def decomposed_layers(model: nn.Module, base: nn.Module) -> list[str]:
             if n and isinstance(m, nn.Sequential) and n in original and not isinstance(original[n], nn.Sequential)]
 
 
-def fine_tune(model: nn.Module, base: nn.Module, train, steps: int, lr: float, device: str) -> None:
-    """The same short fine-tune for every model: KD from the dense model (Hinton 2015, weight 0.9, T = 4)."""
-    distill(model, base, train, {"kd": 0.9},
-            config=TrainConfig(epochs=1, lr=lr, max_steps_per_epoch=steps, weight_decay=5e-4),
-            device=device, progress=False)
+def ft_config(args) -> TrainConfig:
+    """The fine-tune: ``--ft-steps`` steps (CPU form) or ``--ft-epochs`` epochs (``--full``) of batch 128;
+    ``--dry-run`` has capped both to 1 epoch of at most 2 steps."""
+    if args.full:
+        return TrainConfig(epochs=args.ft_epochs, lr=args.ft_lr, weight_decay=5e-4,
+                           max_steps_per_epoch=2 if args.dry_run else None)
+    return TrainConfig(epochs=1, lr=args.ft_lr, max_steps_per_epoch=args.ft_steps, weight_decay=5e-4)
+
+
+def fine_tune(model: nn.Module, base: nn.Module, train, config: TrainConfig, device: str) -> None:
+    """The same fine-tune for every model: KD from the dense model (Hinton 2015, weight 0.9, T = 4)."""
+    distill(model, base, train, {"kd": 0.9}, config=config, device=device, progress=False)
+    model.cpu()
+    base.cpu()
 
 
 def netslim_candidates(base, dense_macs: int, goal: int, t: float, held, device: str, details: dict, name: str) -> dict:
@@ -154,7 +181,8 @@ def netslim_candidates(base, dense_macs: int, goal: int, t: float, held, device:
     if got:
         candidates[("spatial", "energy", "netslim")] = got
     t0 = time.time()
-    report, _ = greedy_rank_search(base, X, held, f"macs:{t}", "spatial", progress=False, device=device)
+    report, _ = greedy_rank_search(copy.deepcopy(base), X, held, f"macs:{t}", "spatial", progress=False,
+                                   device=device, model_cost=float(dense_macs))
     greedy = copy.deepcopy(base)
     apply_plan_(greedy, report)
     candidates[("spatial", "greedy target", "netslim")] = (None, greedy)
@@ -173,20 +201,20 @@ def vbmf_rows(base, name: str, dense_macs: int, base_top1: float, base_lat: dict
             continue
         apply_plan_(model, report, iters=ALS_ITERS)
         model.eval()
-        raw = evaluate(model, test, device=device)["top1"]
-        top1 = raw
+        raw = top1(model, test, device)
+        refit_top1 = raw
         if refit_images is not None:
             refit_(model, base, refit_images, decomposed_layers(model, base))
-            top1 = evaluate(model, test, device=device)["top1"]
+            refit_top1 = top1(model, test, device)
         m, lat = macs(model), latency(model)
-        print(f"{name} vbmf {method:8} MACs {dense_macs / m:.2f}x top1 {100 * raw:.2f} refit {100 * top1:.2f} "
+        print(f"{name} vbmf {method:8} MACs {dense_macs / m:.2f}x top1 {100 * raw:.2f} refit {100 * refit_top1:.2f} "
               f"speed-up {base_lat[1] / lat[1]:.2f}x / {base_lat[64] / lat[64]:.2f}x", flush=True)
         rows.append(dict(model=name, dataset="cifar10", method=f"{method} / vbmf", tool="netslim",
                          setting={"mac_target": None, "fine_tune_steps": 0, "top1_decomposed": raw,
-                                  "top1_before_fine_tune": top1, "refit_images": len(refit_images) if refit_images is not None else 0},
-                         top1=top1, baseline_top1=base_top1, params=sum(q.numel() for q in model.parameters()), macs=m,
+                                  "top1_before_fine_tune": refit_top1, "refit_images": len(refit_images) if refit_images is not None else 0},
+                         top1=refit_top1, baseline_top1=base_top1, params=sum(q.numel() for q in model.parameters()), macs=m,
                          size_bytes=None, latency_ms=lat, baseline_latency_ms=base_lat,
-                         notes=f"one-shot VBMF ranks; top-1 decomposed {100 * raw:.2f}%, after refit {100 * top1:.2f}%, "
+                         notes=f"one-shot VBMF ranks; top-1 decomposed {100 * raw:.2f}%, after refit {100 * refit_top1:.2f}%, "
                                f"not fine-tuned; MAC reduction {dense_macs / m:.2f}x; {form}"))
     return rows
 
@@ -206,8 +234,8 @@ def rebuild(base: nn.Module, row: dict, held, device: str) -> nn.Module:
     elif selector == "vbmf":
         report = plan_decomposition(base, X, method, "vbmf")
     else:  # the greedy search is deterministic for the same held-out images
-        report, _ = greedy_rank_search(base, X, held, f"macs:{setting['mac_target']}", method, progress=False,
-                                       device=device)
+        report, _ = greedy_rank_search(copy.deepcopy(base), X, held, f"macs:{setting['mac_target']}", method,
+                                       progress=False, device=device, model_cost=float(macs(base)))
     model = copy.deepcopy(base)
     apply_plan_(model, report, iters=1)
     return model
@@ -243,13 +271,18 @@ def main() -> None:
     p.add_argument("--models", default="vgg16,resnet56")
     p.add_argument("--targets", default="2,3")
     p.add_argument("--test-images", type=int, default=2000)
-    p.add_argument("--ft-steps", type=int, default=150)
+    p.add_argument("--ft-steps", type=int, default=150, help="CPU form: fine-tune steps of batch 128")
+    p.add_argument("--ft-epochs", type=int, default=10, help="--full: fine-tune epochs of batch 128")
     p.add_argument("--ft-lr", type=float, default=0.002)
     p.add_argument("--ft-extra", default="",
                    help="netslim rows fine-tuned besides each tool's best, e.g. 'spatial / energy' (comma-separated)")
     p.add_argument("--search-images", type=int, default=500)
     p.add_argument("--refit-images", type=int, default=256,
                    help="training images for netslim's data-aware refit of each decomposed layer (0: off)")
+    p.add_argument("--full", action="store_true",
+                   help="full form: the whole test set, --ft-epochs epochs of fine-tuning (GPU when there is one)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="the chosen form made tiny (64 test / search / refit images, 2 fine-tune steps) to prove it runs")
     p.add_argument("--out", default="bench/results")
     p.add_argument("--latency-pass", action="store_true",
                    help="only re-measure the latencies of every row of <out>/lowrank.json (run it on a quiet machine)")
@@ -258,10 +291,19 @@ def main() -> None:
     args = p.parse_args()
     logging.getLogger("netslim.lowrank").setLevel(logging.ERROR)  # bisection probes many skipped layers
     warnings.filterwarnings("ignore", message="Trying to compute SVD")  # TensorLy's SVD-init notices
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = "cuda" if torch.cuda.is_available() and not args.dry_run else "cpu"  # a dry run: the CPU
+    global ALS_ITERS
+    if args.full:
+        ALS_ITERS = 100
+    if args.dry_run:
+        ALS_ITERS = 2
+        args.ft_steps, args.ft_epochs = min(args.ft_steps, 2), min(args.ft_epochs, 1)
+        args.search_images, args.refit_images = min(args.search_images, 64), min(args.refit_images, 64)
+        LATENCY.update(repeats=1, warmup=1)
     test_full = nsdata.get("cifar10", "test")
     order = torch.randperm(len(test_full), generator=torch.Generator().manual_seed(0))
-    test = Subset(test_full, sorted(order[: args.test_images].tolist())) if args.test_images < len(test_full) else test_full
+    n_test = 64 if args.dry_run else (len(test_full) if args.full else args.test_images)
+    test = Subset(test_full, sorted(order[:n_test].tolist())) if n_test < len(test_full) else test_full
     train = nsdata.get("cifar10", "train", augment=True)
     plain = nsdata.get("cifar10", "train")
     held = Subset(plain, torch.randperm(50_000, generator=torch.Generator().manual_seed(1))[: args.search_images].tolist())
@@ -270,18 +312,28 @@ def main() -> None:
         if args.refit_images else None
     if args.latency_pass:
         return latency_pass(Path(args.out) / "lowrank.json", held, device)
-    form = (f"{'GPU' if device == 'cuda' else 'CPU'} form: top-1 on {len(test):,} test images; netslim rows refit on "
-            f"{args.refit_images} training images; fine-tune {args.ft_steps} steps of batch 128 with KD from the dense "
-            f"model (SGD lr {args.ft_lr:g} cosine) for the best row of each tool; CP-ALS / Tucker-HOOI {ALS_ITERS} iterations")
+    cfg = ft_config(args)
+    if args.full:
+        ft = (f"{cfg.epochs} epoch(s)" + (f" of at most {cfg.max_steps_per_epoch} steps" if cfg.max_steps_per_epoch else "")
+              + f" of batch {cfg.batch_size}")
+        budget = {"fine_tune_epochs": cfg.epochs}
+    else:
+        ft, budget = f"{args.ft_steps} steps of batch 128", {"fine_tune_steps": args.ft_steps}
+    form = (f"{'full' if args.full else ('GPU' if device == 'cuda' else 'CPU')} form"
+            f"{' (dry run: tiny, proves the command only)' if args.dry_run else ''}: top-1 on {len(test):,} test images; "
+            f"netslim rows refit on {args.refit_images} training images; fine-tune {ft} with KD from the dense "
+            f"model (SGD lr {args.ft_lr:g} cosine, on {device}) for the best row of each tool; CP-ALS / Tucker-HOOI "
+            f"{ALS_ITERS} iterations")
     targets = [float(v) for v in args.targets.split(",")]
-    rows, details = [], {"form": form, "configs": {}}
+    rows, details = [], {"form": "dry-run" if args.dry_run else ("full" if args.full else "cpu"), "form_text": form,
+                         "configs": {}}
     if args.merge:
         rows, details = previous_rows(Path(args.out) / "lowrank.json",
                                       {m: set(targets) for m in args.models.split(",")}, details)
     for name in args.models.split(","):
         base = zoo.get(name, weights="shared").eval()
         dense_macs = macs(base)
-        base_top1 = evaluate(base, test, device=device)["top1"]
+        base_top1 = top1(base, test, device)
         base_lat = latency(base)
         rows.append(dict(model=name, dataset="cifar10", method="dense", tool="netslim", setting={}, top1=base_top1,
                          baseline_top1=base_top1, params=sum(q.numel() for q in base.parameters()), macs=dense_macs,
@@ -300,19 +352,19 @@ def main() -> None:
             scored = []
             for (method, selector, tool), (knob, model) in candidates.items():
                 model.eval()
-                raw = evaluate(model, test, device=device)["top1"]
-                top1, refit_s = raw, None
+                raw = top1(model, test, device)
+                refit_top1, refit_s = raw, None
                 if tool == "netslim" and refit_images is not None:
                     t0 = time.time()
                     refit_(model, base, refit_images, decomposed_layers(model, base))
                     refit_s = time.time() - t0
-                    top1 = evaluate(model, test, device=device)["top1"]
+                    refit_top1 = top1(model, test, device)
                 lat = latency(model)
                 m = macs(model)
-                scored.append(dict(top1=top1, raw=raw, refit_s=refit_s, method=method, selector=selector, tool=tool,
+                scored.append(dict(top1=refit_top1, raw=raw, refit_s=refit_s, method=method, selector=selector, tool=tool,
                                    knob=knob, model=model, lat=lat, macs=m))
                 print(f"{name} {t:g}x {tool:15} {method:8} {selector:34} MACs {dense_macs / m:.2f}x top1 {100 * raw:.2f}"
-                      f"{f' refit {100 * top1:.2f}' if refit_s is not None else ''} "
+                      f"{f' refit {100 * refit_top1:.2f}' if refit_s is not None else ''} "
                       f"speed-up {base_lat[1] / lat[1]:.2f}x / {base_lat[64] / lat[64]:.2f}x", flush=True)
             best = {}
             for s in scored:
@@ -322,11 +374,12 @@ def main() -> None:
             for s in scored:
                 ft_top1 = None
                 wanted = best[s["tool"]] is s or (s["tool"] == "netslim" and f"{s['method']} / {s['selector']}" in extra)
-                if wanted and args.ft_steps > 0:
-                    fine_tune(s["model"], base, train, args.ft_steps, args.ft_lr, device)
-                    ft_top1 = evaluate(s["model"], test, device=device)["top1"]
+                if wanted and (args.full or args.ft_steps > 0):
+                    fine_tune(s["model"], base, train, cfg, device)
+                    ft_top1 = top1(s["model"], test, device)
                     print(f"   fine-tuned {s['tool']} {s['method']} {s['selector']}: {100 * ft_top1:.2f}", flush=True)
-                setting = {"mac_target": t, "knob": s["knob"], "fine_tune_steps": args.ft_steps if ft_top1 is not None else 0,
+                setting = {"mac_target": t, "knob": s["knob"],
+                           **{k: v if ft_top1 is not None else 0 for k, v in budget.items()},
                            "top1_decomposed": s["raw"], "top1_before_fine_tune": s["top1"],
                            "refit_images": args.refit_images if s["refit_s"] is not None else 0, "refit_s": s["refit_s"]}
                 before = (f"top-1 decomposed {100 * s['raw']:.2f}%"

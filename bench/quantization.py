@@ -16,7 +16,17 @@ threads, batch 1 and 64): ONNX Runtime fp32 vs netslim's int8 QDQ model vs ONNX 
 model, and torch fp32 vs ``torch.ao`` int8, all in the same run. Stored size: netslim's ``.nsq`` of
 the W8 and W4 models against params x 1 byte.
 
+CPU form (default): top-1 on a fixed random subset of ``--test-images`` test images, a W4A4 QAT of
+``--qat-steps`` steps of batch 64 on the CPU. ``--full``: the whole test set and a W4A4 QAT of
+``--qat-epochs`` epochs of batch 128 on the full training set (on the GPU when there is one, else the CPU;
+everything else stays on the CPU). ``--qat-full``: a fresh result holding only the fp32 and W4A4 QAT rows
+of each model of ``--models`` in the full form. ``--dry-run`` keeps the chosen form and every code path
+but makes it tiny (64 test and calibration images, 2 QAT steps, 2 AdaRound iterations, 1 latency repeat)
+on the CPU to prove a command line works. The JSON's ``details.form`` is ``cpu``, ``full`` or ``dry-run``;
+``details.form_text`` describes it.
+
     .venv/bin/python bench/quantization.py [--models resnet20,resnet56,vgg16,mobilenetv2] [--test-images 2000]
+        [--full [--qat-epochs 15]] [--qat-full] [--dry-run]
 """
 from __future__ import annotations
 
@@ -43,9 +53,12 @@ warnings.filterwarnings("ignore")
 X = torch.randn(1, 3, 32, 32)
 
 
-def top1_torch(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
+def top1_torch(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, device: str = "cpu") -> float:
+    """Top-1 (percent) of ``model`` on ``device`` (a model moved there stays there)."""
+    if device != "cpu":
+        model.to(device)
     with torch.no_grad():
-        out = torch.cat([model(images[i:i + 250]) for i in range(0, len(images), 250)])
+        out = torch.cat([model(images[i:i + 250].to(device)).cpu() for i in range(0, len(images), 250)])
     return 100.0 * (out.argmax(1) == labels).float().mean().item()
 
 
@@ -105,8 +118,8 @@ def fp32_onnx(model: nn.Module) -> bytes:
 
 
 class Bench:
-    def __init__(self, args, device: str) -> None:
-        self.args, self.device = args, device
+    def __init__(self, args, device: str, train_device: str = "cpu") -> None:
+        self.args, self.device, self.train_device = args, device, train_device
         self.rows: list[dict] = []
         self.command: str | None = None  # the original run's command when a rerun replaces some rows
         self.details: dict = {"latency_ms": {}, "stored_bytes": {}, "sim_vs_ort": {}, "seconds": {}}
@@ -130,31 +143,46 @@ class Bench:
                      command=self.command)
 
 
+def qat_config(args) -> TrainConfig:
+    """The W4A4 QAT: ``--qat-steps`` steps of batch 64 (CPU form), ``--qat-epochs`` epochs of batch 128 on the
+    full training set (``--full``); ``--dry-run`` at most 1 epoch of 2 steps."""
+    if args.full:
+        return TrainConfig(epochs=1 if args.dry_run else args.qat_epochs, lr=args.qat_lr, batch_size=128, amp=False,
+                           max_steps_per_epoch=2 if args.dry_run else None, weight_decay=0)
+    return TrainConfig(epochs=1, lr=args.qat_lr, batch_size=64, amp=False, max_steps_per_epoch=args.qat_steps,
+                       weight_decay=0)
+
+
 def qat_row(name, bench, model, train, loader, test_images, test_labels, base, params, label: str = "") -> None:
-    """W4A4 (MSE ranges) followed by a short LSQ quantization-aware training."""
+    """W4A4 (MSE ranges) followed by LSQ quantization-aware training (short in the CPU form, epochs in the
+    full form, on ``bench.train_device``)."""
     args = bench.args
+    device = bench.train_device
+    cfg = qat_config(args)
     w4a4 = quantize(model, X, loader, QuantConfig(weight_bits=4, act_bits=4, weight_range="mse", calibrator="mse"),
                     device="cpu")
-    before = top1_torch(w4a4, test_images, test_labels)
+    before = top1_torch(w4a4, test_images, test_labels, device)
     t0 = time.time()
-    quantization_aware_training(w4a4, train, TrainConfig(epochs=1, lr=args.qat_lr, batch_size=64, amp=False,
-                                                         max_steps_per_epoch=args.qat_steps, weight_decay=0),
-                                learn="lsq", progress=False, device="cpu")
+    quantization_aware_training(w4a4, train, cfg, learn="lsq", progress=False, device=device)
     bench.details["seconds"][f"{name} W4A4 QAT"] = round(time.time() - t0, 1)
+    budget = ({"qat_epochs": cfg.epochs, **({"max_steps_per_epoch": 2} if args.dry_run else {})} if args.full
+              else {"qat_steps": args.qat_steps})
+    top1 = top1_torch(w4a4.eval(), test_images, test_labels, device)
+    w4a4.cpu()
     bench.add(name, f"W4A4 per-channel mse + QAT (LSQ{label})", "netslim",
-              {"weight_bits": 4, "act_bits": 4, "qat_steps": args.qat_steps, "batch_size": 64, "lr": args.qat_lr},
-              top1_torch(w4a4.eval(), test_images, test_labels), base, params=params,
-              notes=f"top-1 before QAT {before:.2f}")
+              {"weight_bits": 4, "act_bits": 4, **budget, "batch_size": cfg.batch_size, "lr": args.qat_lr},
+              top1, base, params=params, notes=f"top-1 before QAT {before:.2f}")
 
 
 def rerun_qat(args, calib, test_images, test_labels) -> None:
     """Add W4A4 QAT rows (labelled with their steps) for ``args.models`` to the existing result."""
     path = Path(args.out) / "quantization.json"
     doc = json.loads(path.read_text())
-    bench = Bench(args, "cpu")
+    bench = Bench(args, "cpu", train_device="cuda" if args.full and torch.cuda.is_available() and not args.dry_run else "cpu")
     bench.rows, bench.details, bench.command = list(doc["rows"]), doc["details"], doc["command"]
     train = nsdata.get("cifar10", "train", augment=True)
-    bench.details["form"] += (f"; W4A4 QAT rows of {args.models} added with {args.qat_steps} steps "
+    key = "form_text" if "form_text" in bench.details else "form"
+    bench.details[key] += (f"; W4A4 QAT rows of {args.models} added with {args.qat_steps} steps "
                               f"(details.qat_reruns; each row's method and setting say its steps)")
     for name in args.models.split(","):
         fp32 = next(r for r in bench.rows if r["model"] == name and r["method"] == "fp32")
@@ -162,6 +190,29 @@ def rerun_qat(args, calib, test_images, test_labels) -> None:
         model = zoo.get(name, weights="shared").eval()
         qat_row(name, bench, model, train, [(x, None) for x in calib], test_images, test_labels,
                 100 * fp32["top1"], fp32["params"], label=f", {args.qat_steps} steps")
+
+
+def qat_full(args, calib, train, test_images, test_labels, device: str) -> None:
+    """A fresh result: the fp32 and the W4A4 QAT row (the full form's epochs) of every model of ``--models``."""
+    args.merge = False
+    bench = Bench(args, device, train_device=device)
+    bench.details["form"] = "dry-run" if args.dry_run else "full"
+    cfg = qat_config(args)
+    bench.details["form_text"] = (
+        f"full form, fp32 and W4A4 QAT rows only{' (dry run: tiny, proves the command only)' if args.dry_run else ''}: "
+        f"top-1 on {len(test_images):,} test images; W4A4 per-channel mse ranges calibrated on "
+        f"{sum(len(x) for x in calib)} training images, then LSQ QAT for {cfg.epochs} epoch(s)"
+        f"{f' of at most {cfg.max_steps_per_epoch} steps' if cfg.max_steps_per_epoch else ''} of batch "
+        f"{cfg.batch_size} on the training set (SGD lr {args.qat_lr:g} cosine, no weight decay) on {device}")
+    loader = [(x, None) for x in calib]
+    for name in args.models.split(","):
+        model = zoo.get(name, weights="shared").eval()
+        params = sum(p.numel() for p in model.parameters())
+        base = top1_torch(model, test_images, test_labels, device)
+        model.cpu()
+        bench.add(name, "fp32", "netslim", {}, base, base, params=params)
+        qat_row(name, bench, model, train, loader, test_images, test_labels, base, params)
+    print(Path(args.out) / "quantization.json")
 
 
 def run_model(name: str, bench: Bench, train, test_images, test_labels, calib: list[torch.Tensor]) -> None:
@@ -280,7 +331,8 @@ def main() -> None:
     p.add_argument("--test-images", type=int, default=2000, help="fixed random subset of the test set (10000: all)")
     p.add_argument("--calibration-images", type=int, default=512)
     p.add_argument("--adaround-iters", type=int, default=500)
-    p.add_argument("--qat-steps", type=int, default=150)
+    p.add_argument("--qat-steps", type=int, default=150, help="CPU form: W4A4 QAT steps of batch 64")
+    p.add_argument("--qat-epochs", type=int, default=15, help="--full / --qat-full: W4A4 QAT epochs of batch 128")
     p.add_argument("--qat-lr", type=float, default=1e-3)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--repeats", type=int, default=20)
@@ -289,8 +341,21 @@ def main() -> None:
                    help="only add W4A4 QAT rows for --models (e.g. with more --qat-steps) to the existing JSON")
     p.add_argument("--sizes-only", action="store_true",
                    help="only re-measure the .nsq sizes (W8 minmax, W4 mse, per-channel) into the existing JSON")
+    p.add_argument("--full", action="store_true",
+                   help="full form: the whole test set, W4A4 QAT for --qat-epochs epochs (GPU when there is one)")
+    p.add_argument("--qat-full", action="store_true",
+                   help="a fresh <out>/quantization.json with only the fp32 and W4A4 QAT rows of --models, full form")
+    p.add_argument("--dry-run", action="store_true",
+                   help="the chosen form made tiny (64 test / calibration images, 2 QAT steps, 2 AdaRound iterations)")
     p.add_argument("--out", default="bench/results")
     args = p.parse_args()
+    args.full = args.full or args.qat_full
+    if args.full:
+        args.test_images = 10_000
+    if args.dry_run:
+        args.test_images, args.calibration_images = 64, min(args.calibration_images, 64)
+        args.adaround_iters, args.qat_steps, args.repeats = min(args.adaround_iters, 2), min(args.qat_steps, 2), 1
+    device = "cuda" if torch.cuda.is_available() and not args.dry_run else "cpu"  # a dry run: the CPU
     torch.manual_seed(0)
     test = nsdata.get("cifar10", "test")
     order = torch.randperm(len(test), generator=torch.Generator().manual_seed(0))[: args.test_images]
@@ -302,14 +367,22 @@ def main() -> None:
     train = nsdata.get("cifar10", "train", augment=True)
     if args.sizes_only:
         return measure_sizes(args, calib)
+    if args.qat_full:
+        return qat_full(args, calib, train, test_images, test_labels, device)
     if args.qat_only:
         return rerun_qat(args, calib, test_images, test_labels)
-    bench = Bench(args, "cpu")
-    bench.details["form"] = (f"CPU: top-1 on {len(test_images):,} test images (fixed random subset); "
-                             f"{args.calibration_images} calibration images from the training set for every tool; "
-                             f"AdaRound {args.adaround_iters} iterations per layer on 256 of them; W4A4 QAT "
-                             f"{args.qat_steps} steps of batch 64 (short schedule); latency with {args.threads} "
-                             f"thread(s)")
+    bench = Bench(args, "cpu", train_device=device if args.full else "cpu")
+    bench.details["form"] = "dry-run" if args.dry_run else ("full" if args.full else "cpu")
+    cfg = qat_config(args)
+    qat = (f"W4A4 QAT {cfg.epochs} epoch(s){f' of at most {cfg.max_steps_per_epoch} steps' if cfg.max_steps_per_epoch else ''} "
+           f"of batch {cfg.batch_size} on {bench.train_device}" if args.full
+           else f"W4A4 QAT {args.qat_steps} steps of batch 64 (short schedule)")
+    bench.details["form_text"] = (
+        f"{'full form' if args.full else 'CPU'}{' (dry run: tiny, proves the command only)' if args.dry_run else ''}: "
+        f"top-1 on {len(test_images):,} test images{'' if len(test_images) == len(test) else ' (fixed random subset)'}; "
+        f"{len(picks)} calibration images from the training set for every tool; "
+        f"AdaRound {args.adaround_iters} iterations per layer on {min(256, len(picks))} of them; {qat}; "
+        f"latency with {args.threads} thread(s){f', {args.repeats} repeat(s)' if args.dry_run else ''}")
     for name in args.models.split(","):
         run_model(name, bench, train, test_images, test_labels, calib)
 
