@@ -176,7 +176,8 @@ def main() -> None:
     p.add_argument("--full", action="store_true", help="GPU form: full test set, epochs of fine-tuning")
     p.add_argument("--dry-run", action="store_true",
                    help="the chosen form made tiny (64 test / refit images, 2 fine-tune steps, 1 latency repeat)")
-    p.add_argument("--merge", action="store_true", help="keep rows of models not run now from the existing JSON")
+    p.add_argument("--merge", action="store_true",
+                   help="keep the rows of the (model, target) cells not run now from the existing JSON")
     p.add_argument("--out", default="bench/results")
     p.add_argument("--latency-pass", action="store_true", help="only re-measure the latencies of <out>/compact_filters.json")
     args = p.parse_args()
@@ -214,9 +215,12 @@ def main() -> None:
     rows, details = [], {"form": form_word, "form_text": form, "layers": {}}
     if args.merge and path.exists():
         doc = json.loads(path.read_text())
-        rows = [r for r in doc["rows"] if r["model"] not in models]
+        def kept(model: str, target) -> bool:  # rows of (model, target) cells not run now
+            return model not in models or (target is not None and float(target) not in targets)
+
+        rows = [r for r in doc["rows"] if kept(r["model"], (r["setting"] or {}).get("mac_target"))]
         details["layers"] = {k: v for k, v in doc.get("details", {}).get("layers", {}).items()
-                             if k.split("@")[0] not in models}
+                             if kept(k.split("@")[0].split(" ")[0], k.split("@")[1].split("x ")[0] if "@" in k else None)}
     for name in models:
         base = zoo.get(name, weights="shared").eval()
         dense_macs = macs(base)

@@ -164,7 +164,7 @@ def probe(model_name: str, steps: int) -> float:
 
     model = zoo.get(model_name, weights="shared")
     train = nsdata.get("cifar10", "train", augment=True)
-    return training_throughput(model, train, TrainConfig(batch_size=128, lr=1e-4, channels_last=True), steps=steps)
+    return training_throughput(model, train, TrainConfig(batch_size=128, lr=1e-4), steps=steps)
 
 
 # ------------------------------------------------------------------ schedule

@@ -29,7 +29,8 @@ from netslim.train import TrainConfig, training_throughput
 
 
 def paths(device: str) -> dict[str, dict]:
-    found = {"dataloader": {"resident_data": False}, "resident": {"resident_data": True}}
+    found = {"dataloader": {"resident_data": False, "channels_last": False},
+             "resident": {"resident_data": True, "channels_last": False}}
     if device == "cuda":
         found["resident + channels-last"] = {"resident_data": True, "channels_last": True}
         found["resident + channels-last + compile"] = {"resident_data": True, "channels_last": True, "compile": True}

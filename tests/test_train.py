@@ -233,5 +233,5 @@ def test_resident_path_resumes_to_the_same_weights(tmp_path):
 def test_speed_knobs_are_checked():
     with pytest.raises(NetslimError, match="amp_dtype.*bfloat16"):
         TrainConfig(amp_dtype="fp8")
-    with pytest.raises(NetslimError, match="channels_last must be true or false"):
+    with pytest.raises(NetslimError, match="channels_last must be true, false or null"):
         TrainConfig(channels_last="yes")

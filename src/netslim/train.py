@@ -44,9 +44,9 @@ class TrainConfig:
 
     The speed knobs: ``resident_data`` keeps an in-memory image dataset (CIFAR, MNIST) on the
     training device as uint8 and augments whole batches there (:mod:`netslim.data.resident`);
-    ``channels_last`` trains in NHWC; ``amp`` on CUDA autocasts to ``amp_dtype`` (bfloat16 needs
-    no loss scaling; float16 uses a ``GradScaler``); ``compile`` runs the model through
-    ``torch.compile``.
+    ``channels_last`` trains in NHWC (``None``, the default: on CUDA only); ``amp`` on CUDA
+    autocasts to ``amp_dtype`` (bfloat16 needs no loss scaling; float16 uses a ``GradScaler``);
+    ``compile`` runs the model through ``torch.compile``.
     """
 
     epochs: int = 1
@@ -65,7 +65,7 @@ class TrainConfig:
     max_steps_per_epoch: int | None = None
     eval_every: int = 0
     resident_data: bool = True
-    channels_last: bool = False
+    channels_last: bool | None = None
     amp_dtype: str = "bfloat16"
     compile: bool = False
 
@@ -89,7 +89,7 @@ class TrainConfig:
 
 _INT_FIELDS = ("epochs", "batch_size", "seed", "workers", "eval_every")
 _FLOAT_FIELDS = ("lr", "momentum", "weight_decay", "warmup_epochs", "label_smoothing")
-_BOOL_FIELDS = ("nesterov", "amp", "resident_data", "channels_last", "compile")
+_BOOL_FIELDS = ("nesterov", "amp", "resident_data", "compile")
 
 
 def _check_field_types(cfg) -> None:
@@ -108,6 +108,8 @@ def _check_field_types(cfg) -> None:
     for name in _BOOL_FIELDS:
         if not isinstance(getattr(cfg, name), bool):
             raise NetslimError(f"{name} must be true or false, got {getattr(cfg, name)!r}")
+    if cfg.channels_last is not None and not isinstance(cfg.channels_last, bool):
+        raise NetslimError(f"channels_last must be true, false or null (on CUDA only), got {cfg.channels_last!r}")
     for name in ("optimizer", "schedule", "amp_dtype"):
         if not isinstance(getattr(cfg, name), str):
             raise NetslimError(f"{name} must be a string, got {getattr(cfg, name)!r}")
@@ -346,7 +348,8 @@ def fit(model: nn.Module, train_data: Dataset | DataLoader, config: TrainConfig 
     device = check_device(device) if device is not None else default_device()
     seed_everything(cfg.seed + rank())
     model.to(device).train()
-    if cfg.channels_last:
+    channels_last = cfg.channels_last if cfg.channels_last is not None else device.type == "cuda"
+    if channels_last:
         model.to(memory_format=torch.channels_last)
     net: nn.Module = model
     sampler = None
@@ -390,7 +393,7 @@ def fit(model: nn.Module, train_data: Dataset | DataLoader, config: TrainConfig 
         net.train()
         seen, correct, loss_sum = 0, 0.0, torch.zeros((), device=device)
         epoch_batches = (loader if resident is None else resident.batches(
-            cfg.batch_size, shuffle=True, drop_last=drop_last, channels_last=cfg.channels_last,
+            cfg.batch_size, shuffle=True, drop_last=drop_last, channels_last=channels_last,
             generator=_epoch_generator(device, cfg.seed, epoch)))
         bar = tqdm(epoch_batches, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                    disable=not progress or rank() != 0, leave=False, mininterval=1.0)
@@ -401,7 +404,7 @@ def fit(model: nn.Module, train_data: Dataset | DataLoader, config: TrainConfig 
             for g, lr in zip(optimizer.param_groups, base_lrs):
                 g["lr"] = lr * lr_factor(cfg, step, total_steps, steps_per_epoch)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            if cfg.channels_last and x.dim() == 4:
+            if channels_last and x.dim() == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=use_amp):
                 out = net(x)
