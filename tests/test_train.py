@@ -201,18 +201,20 @@ def test_fit_on_an_image_dataset_batches_on_the_device_not_per_sample(monkeypatc
         raise AssertionError("the resident path must not read samples one by one")
 
     monkeypatch.setattr(ImageTensorDataset, "__getitem__", per_sample)
-    history = fit(model, data, TrainConfig(epochs=6, lr=0.1, batch_size=32), device="cpu", progress=False)
+    history = fit(model, data, TrainConfig(epochs=6, lr=0.1, batch_size=32, resident_data=True), device="cpu",
+                  progress=False)
     monkeypatch.undo()
     assert history[-1]["train_top1"] > 0.8 and history[-1]["train_loss"] < history[0]["train_loss"]
     assert evaluate(model, image_data(augment=False), device="cpu")["top1"] > 0.8
-    with pytest.raises(AssertionError, match="one by one"):  # the old path still reads per sample
-        monkeypatch.setattr(ImageTensorDataset, "__getitem__", per_sample)
-        fit(image_model(), data, TrainConfig(epochs=1, resident_data=False), device="cpu", progress=False)
+    for cfg in (TrainConfig(epochs=1), TrainConfig(epochs=1, resident_data=False)):  # the CPU default: as it was
+        with pytest.raises(AssertionError, match="one by one"):
+            monkeypatch.setattr(ImageTensorDataset, "__getitem__", per_sample)
+            fit(image_model(), data, cfg, device="cpu", progress=False)
 
 
 def test_resident_path_resumes_to_the_same_weights(tmp_path):
     data = image_data()
-    cfg = TrainConfig(epochs=3, lr=0.05, batch_size=32, channels_last=True)
+    cfg = TrainConfig(epochs=3, lr=0.05, batch_size=32, channels_last=True, resident_data=True)
     straight = image_model()
     fit(straight, data, cfg, device="cpu", progress=False)
 
@@ -235,3 +237,5 @@ def test_speed_knobs_are_checked():
         TrainConfig(amp_dtype="fp8")
     with pytest.raises(NetslimError, match="channels_last must be true, false or null"):
         TrainConfig(channels_last="yes")
+    with pytest.raises(NetslimError, match="resident_data must be true, false or null"):
+        TrainConfig(resident_data=1)
