@@ -150,10 +150,16 @@ def measured_rates(slots: int, steps: int = 30) -> Rates:
     procs = [subprocess.Popen([sys.executable, __file__, "--probe", heavy, "--probe-steps", str(steps)],
                               stdout=subprocess.PIPE, text=True) for _ in range(slots)]
     together = [float(p.communicate()[0].strip().splitlines()[-1]) for p in procs]
-    busy = slots / sum(together)  # seconds per image of one process with every slot busy
-    overlap = max(1.0, slots * per_image[heavy] / busy)
+    overlap = overlap_of(per_image[heavy], together)
     return Rates(per_image, overlap, f"measured here: {steps} training steps of batch 128 per model "
                                      f"(bf16, resident data), {heavy} x {slots} at once for the overlap")
+
+
+def overlap_of(solo: float, together: list[float]) -> float:
+    """How many processes the GPU runs at once without slowing: ``solo`` seconds per image alone, ``together``
+    each process's seconds per image with all of them running (1: they only take turns; len: no slowdown)."""
+    busy = sum(together) / len(together)
+    return min(float(len(together)), max(1.0, len(together) * solo / busy))
 
 
 def probe(model_name: str, steps: int) -> float:

@@ -41,6 +41,15 @@ def test_plan_drops_the_lowest_priority_rows_that_do_not_fit(suite):
     assert "dropped: extra" in text and "est" in text
 
 
+def test_overlap_from_solo_and_shared_timings(suite):
+    assert suite.overlap_of(1.0, [1.0] * 8) == 8      # every process as fast as alone
+    assert suite.overlap_of(1.0, [8.0] * 8) == 1      # they only took turns
+    assert suite.overlap_of(1.0, [2.0] * 8) == 4
+    rates = suite.Rates({m: 1e-4 for m in suite.MODELS}, overlap=4.0, source="test")
+    row = suite.Row("r", "distillation", [], "resnet20", epochs=1, priority=0)
+    assert rates.row_seconds(row, slots=8) == pytest.approx(30 + 50_000 * 1e-4 * 2)  # 8 slots on 4: twice as slow
+
+
 def test_the_default_plan_for_one_gpu_fits_ten_minutes_with_every_goal_row(suite):
     rates = suite.extrapolated_rates(suite.ASSUMED_TFLOPS, suite.ASSUMED_OVERLAP)
     rows = suite.suite_rows()
