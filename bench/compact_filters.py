@@ -137,13 +137,19 @@ def interleaved(base: nn.Module, model: nn.Module, rounds: int = 2) -> tuple[dic
     return best(0), best(1)
 
 
-def latency_pass(path: Path, models: list[str]) -> None:
-    """Re-measure every row's latency in this one process, the dense model again right before each row
-    (architectures rebuilt, MACs checked): for a run whose machine was busy."""
+def latency_pass(path: Path, models: list[str], targets: list[float] | None = None) -> None:
+    """Re-measure the latency of every row of ``models`` (of ``targets`` only, and the CReLU rows, when given)
+    in this one process, the dense model again right before each row (architectures rebuilt, MACs checked):
+    for a run whose machine was busy."""
     doc = json.loads(path.read_text())
+
+    def chosen(row: dict) -> bool:
+        target = (row["setting"] or {}).get("mac_target")
+        return targets is None or (row["method"] != "dense" and (target is None or float(target) in targets))
+
     for name in models:
         base = zoo.get(name, weights="shared").eval()
-        for row in [r for r in doc["rows"] if r["model"] == name]:
+        for row in [r for r in doc["rows"] if r["model"] == name and chosen(r)]:
             model = rebuild(base, row)
             if macs(model) != row["macs"]:
                 raise SystemExit(f"{name} {row['method']}: rebuilt MACs {macs(model)} != {row['macs']}")
@@ -180,6 +186,8 @@ def main() -> None:
                    help="keep the rows of the (model, target) cells not run now from the existing JSON")
     p.add_argument("--out", default="bench/results")
     p.add_argument("--latency-pass", action="store_true", help="only re-measure the latencies of <out>/compact_filters.json")
+    p.add_argument("--latency-targets", default=None,
+                   help="with --latency-pass: only the rows of these MAC targets (and the CReLU rows)")
     args = p.parse_args()
     logging.getLogger("netslim.compact").setLevel(logging.ERROR)
     logging.getLogger("netslim.lowrank").setLevel(logging.ERROR)
@@ -187,7 +195,8 @@ def main() -> None:
     if device == "cpu":
         torch.set_num_threads(1)
     if args.latency_pass:
-        return latency_pass(Path(args.out) / f"{BENCH}.json", args.models.split(","))
+        return latency_pass(Path(args.out) / f"{BENCH}.json", args.models.split(","),
+                            [float(v) for v in args.latency_targets.split(",")] if args.latency_targets else None)
     args.ft_epochs = args.ft_epochs or (10 if args.full else 1)
     args.refit_images = args.refit_images or (1024 if args.full else 256)
     if args.dry_run:
