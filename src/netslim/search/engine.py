@@ -247,8 +247,9 @@ def run_study(evaluator: Evaluator, goal_ms: float, *, storage: str, name: str, 
         try:
             study.optimize(objective, n_trials=n_trials - done, timeout=left, catch=(NetslimError,),
                            callbacks=[optuna.study.MaxTrialsCallback(n_trials, states=(states.COMPLETE,)), report])
-        except ValueError as exc:  # two workers on SQLite both took the same queued trial; the other told it
-            if "Cannot tell" not in str(exc):
+        except (ValueError, optuna.exceptions.UpdateFinishedTrialError) as exc:
+            # two workers on SQLite both took the same queued trial and the other one told it first
+            if isinstance(exc, ValueError) and "Cannot tell" not in str(exc):
                 raise
             log.info("a queued trial was finished by another worker; continuing")
     bar.close()
