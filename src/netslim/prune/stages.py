@@ -1,5 +1,6 @@
 """The ``prune`` recipe stage: unstructured magnitude pruning, one-shot or gradual (AGP), with a
-per-layer sparsity that is uniform, global, threshold-based, sensitivity-planned or contribution-ranked."""
+per-layer sparsity that is uniform, global, threshold-based, sensitivity-planned or contribution-ranked; or
+sparse variational dropout (``method: variational``), where training decides each weight's fate."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -16,9 +17,10 @@ from ..targets import OLD_SCOPES, SCOPES, check_scope
 from .magnitude import contribution_plan, magnitude_masks, planned_masks, prunable_layers, threshold_masks
 from .masks import apply_masks_
 from .schedules import AGPHook
+from .variational import VariationalDropoutConfig, variational_prune_
 from .sensitivity import DEFAULT_GRID, plan_sparsity, plot_sensitivity, sensitivity_analysis
 
-PRUNE_METHODS = ("magnitude",)
+PRUNE_METHODS = ("magnitude", "variational")
 PLANS = ("global", "uniform", "threshold", "sensitivity", "contribution", "explicit")
 SCHEDULES = ("oneshot", "agp")
 
@@ -29,7 +31,13 @@ class PruneConfig:
     ``uniform`` (every layer at ``sparsity``; ``layer`` is the deprecated word), ``threshold`` (|w| < threshold_std x std, Han 2015),
     ``sensitivity`` (measured per-layer sensitivity, least predicted loss), ``contribution``
     (layers ranked by sum |W| + |b| per weight), ``explicit`` (``layer_sparsity``).
-    ``schedule: agp`` prunes gradually while training with ``train`` settings."""
+    ``schedule: agp`` prunes gradually while training with ``train`` settings.
+
+    ``method: variational`` is sparse variational dropout (Molchanov et al. 2017,
+    :mod:`netslim.prune.variational`): it trains with ``train`` settings (default Adam, lr 1e-3, 20 epochs)
+    and removes the weights whose log alpha exceeds ``log_alpha_threshold``; the sparsity is its outcome, so
+    ``sparsity``, ``plan`` and ``schedule`` do not apply. ``kl_weight`` scales the KL term (1: the exact
+    bound), reached linearly over ``kl_warmup_epochs``."""
 
     method: str = "magnitude"
     sparsity: float = 0.5
@@ -43,10 +51,19 @@ class PruneConfig:
     train: dict[str, Any] = field(default_factory=dict)
     sensitivity_samples: int = 2000
     sensitivity_grid: list[float] = field(default_factory=lambda: list(DEFAULT_GRID))
+    log_alpha_threshold: float = 3.0
+    kl_weight: float = 1.0
+    kl_warmup_epochs: float = 5.0
 
     def __post_init__(self) -> None:
         if self.method not in PRUNE_METHODS:
             raise unknown_choice("prune method", self.method, PRUNE_METHODS)
+        if self.method == "variational":
+            self.variational = VariationalDropoutConfig(
+                threshold=self.log_alpha_threshold, kl_weight=self.kl_weight,
+                kl_warmup_epochs=self.kl_warmup_epochs, exclude=list(self.exclude), train=dict(self.train))
+            self.train_config = self.variational.train_config
+            return
         if self.scope is not None:
             self.plan = self.scope = check_scope(self.scope)
         if self.plan in OLD_SCOPES:
@@ -100,6 +117,8 @@ def _sensitivity_plan(ctx: StageContext, cfg: PruneConfig) -> tuple[dict[str, fl
 @stage("prune", PruneConfig, restore=_restore_prune)
 def prune(ctx: StageContext, cfg: PruneConfig) -> nn.Module:
     """Unstructured magnitude pruning (Han et al. 2015), masks kept through later fine-tuning."""
+    if cfg.method == "variational":
+        return _variational(ctx, cfg)
     plan, note = None, None
     if cfg.plan == "sensitivity":
         plan, note = _sensitivity_plan(ctx, cfg)
@@ -120,4 +139,13 @@ def prune(ctx: StageContext, cfg: PruneConfig) -> nn.Module:
     sparsities = {n: float((m.weight == 0).float().mean()) for n, m in layers.items()}
     summary = "Per-layer sparsity: " + ", ".join(f"{n} {s:.1%}" for n, s in sparsities.items())
     ctx.artifacts["notes"] = (note + "\n\n" + summary) if note else summary
+    return ctx.model
+
+
+def _variational(ctx: StageContext, cfg: PruneConfig) -> nn.Module:
+    report = variational_prune_(ctx.model, ctx.data.train, cfg.variational, device=ctx.device,
+                                progress=ctx.progress, checkpoint_path=ctx.stage_dir / "train.ckpt")
+    ctx.artifacts["notes"] = (f"Sparse variational dropout (Molchanov et al. 2017), log alpha threshold "
+                              f"{cfg.log_alpha_threshold}: {report.sparsity:.2%} of the weights removed "
+                              f"({1 / max(1 - report.sparsity, 1e-12):.1f}x fewer).\n\n" + report.markdown())
     return ctx.model
