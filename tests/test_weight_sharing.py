@@ -3,7 +3,7 @@ import torch
 from torch.nn.utils import parametrize
 from torch.utils.data import TensorDataset
 
-from netslim import zoo
+from netslim import NetslimError, zoo
 from netslim.prune import magnitude_prune_
 from netslim.quant import kmeans_1d, share_weights_
 from netslim.quant.kmeans import SharedWeight
@@ -71,3 +71,35 @@ def test_hashed_sharing_has_k_buckets():
     share_weights_(model, fc_bits=4, method="hash")
     assert parametrize.is_parametrized(model.fc1, "weight")
     assert model.fc1.weight.unique().numel() <= 17
+
+
+def test_per_layer_precision_is_chosen_on_held_out_training_images(shared):
+    from torch.utils.data import Subset
+
+    from netslim import data
+    from netslim.quant.precision import choose_sharing_bits, restore_shared_bits_, share_with_bits_
+
+    model = zoo.get("lenet300")
+    model.load_state_dict(torch.load(shared / "models/mnist_lenet300.pt", weights_only=True))
+    magnitude_prune_(model, 0.9)
+    from netslim.surgery import bake_parametrizations_
+    bake_parametrizations_(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    held_out = Subset(data.get("mnist", "train"), range(1000))
+    choice = choose_sharing_bits(model, held_out, max_drop=0.3, device="cpu")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the model is left as it was
+    assert set(choice.bits) == {"fc1", "fc2", "fc3"} and all(1 <= b <= 8 for b in choice.bits.values())
+    assert choice.final_top1 >= choice.reference_top1 - 0.003
+    assert any(b < 5 for b in choice.bits.values())  # fewer than Deep Compression's 5 fc bits somewhere
+    anything = choose_sharing_bits(model, held_out, max_drop=99.0, device="cpu")
+    assert set(anything.bits.values()) == {1}  # with no accuracy constraint the fewest bits win
+    share_with_bits_(model, choice.bits)
+    for name, b in choice.bits.items():
+        w = getattr(model, name).weight
+        assert torch.unique(w[w != 0]).numel() <= 1 << b
+    state = model.state_dict()
+    rebuilt = restore_shared_bits_(zoo.get("lenet300"), choice.bits)
+    rebuilt.load_state_dict(state)
+    assert torch.equal(rebuilt.fc1.weight, model.fc1.weight)
+    with pytest.raises(NetslimError, match="max_drop"):
+        choose_sharing_bits(model, held_out, max_drop=-1)

@@ -4,7 +4,7 @@ Deep Compression gives every conv layer 8 bits and every fc layer 5 (Han et al. 
 compression (Louizos, Ullrich & Welling, NeurIPS 2017, §5) showed that layers tolerate very different
 precisions and read each layer's from its posterior variances. netslim measures it instead: each layer in
 turn (largest first, the others already at their chosen width) gets the fewest shared values whose model
-stays within ``max_drop`` of the unshared model's top-1 on a held-out slice of the *training* data. The
+stays within ``max_drop`` points of the unshared model's top-1 on a held-out slice of the *training* data. The
 widths are then applied with k-means (:func:`netslim.quant.kmeans.share_layer_`), ready for centroid
 fine-tuning and :mod:`netslim.encode`.
 """
@@ -51,13 +51,13 @@ def _shared_values(w: torch.Tensor, bits: int, init: str, seed: int) -> torch.Te
     return out
 
 
-def choose_sharing_bits(model: nn.Module, held_out, *, max_drop: float = 0.002,
+def choose_sharing_bits(model: nn.Module, held_out, *, max_drop: float = 0.2,
                         choices: tuple[int, ...] = BIT_CHOICES, exclude: tuple[str, ...] = (),
                         init: str = "linear", seed: int = 0, device=None) -> PrecisionChoice:
-    """The fewest bits per layer keeping held-out top-1 within ``max_drop`` (a fraction, 0.002 = 0.2 points)
-    of the unshared model's. ``model`` is left as it was."""
-    if not 0 <= max_drop < 1:
-        raise NetslimError(f"max_drop must be a fraction in [0, 1), got {max_drop!r}")
+    """The fewest bits per layer keeping held-out top-1 within ``max_drop`` points (as in
+    :class:`netslim.SearchConfig`) of the unshared model's. ``model`` is left as it was."""
+    if isinstance(max_drop, bool) or not isinstance(max_drop, (int, float)) or not 0 <= max_drop < 100:
+        raise NetslimError(f"max_drop must be points of top-1 in [0, 100), got {max_drop!r}")
     choices = tuple(sorted(set(choices)))
     if not choices or choices[0] < 1 or choices[-1] > 16:
         raise NetslimError(f"bit choices must be integers in 1..16, got {choices!r}")
@@ -67,7 +67,7 @@ def choose_sharing_bits(model: nn.Module, held_out, *, max_drop: float = 0.002,
         if parametrize.is_parametrized(m, "weight"):
             raise NetslimError("choose_sharing_bits needs plain weights: bake masks or sharing first")
     reference = evaluate(model, held_out, device)["top1"]
-    floor = reference - max_drop
+    floor = reference - max_drop / 100
     order = sorted(layers, key=lambda n: -int((originals[n] != 0).sum()))
     bits, trials = {}, []
     try:
