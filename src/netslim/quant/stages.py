@@ -3,13 +3,15 @@
 Methods: ``kmeans`` weight sharing and ``hash`` (HashedNets); ``ptq``: post-training quantization
 to ``weight_bits`` / ``act_bits`` with a calibrator, optional CLE, bias correction, AdaRound, and
 mixed precision under a size budget; ``binary`` / ``ternary`` weights; ``inq`` (incremental
-power-of-two weights, trained inside the stage). A ``finetune`` stage after ``ptq`` is
-quantization-aware training (straight-through); ``learn: lsq`` or ``pact`` lets it train the steps.
+power-of-two weights, trained inside the stage); ``soft_sharing`` (Ullrich et al. 2017: retraining
+under a learned Gaussian mixture prior, then zeros and shared values from its means, trained inside
+the stage). A ``finetune`` stage after ``ptq`` is quantization-aware training (straight-through);
+``learn: lsq`` or ``pact`` lets it train the steps.
 """
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 from torch import nn
@@ -21,8 +23,12 @@ from ..train import TrainConfig
 from .kmeans import INITS, restore_shared_, share_weights_, shareable_layers
 from .ptq import QuantConfig
 from .qat import LEARNERS
+from .soft_sharing import PRECISION_PRIOR, PRECISION_PRIOR_ZERO, SoftSharingConfig
 
-QUANT_METHODS = ("kmeans", "hash", "ptq", "binary", "ternary", "inq")
+QUANT_METHODS = ("kmeans", "hash", "ptq", "binary", "ternary", "inq", "soft_sharing")
+# the fields only method soft_sharing reads (it reads exclude and train too)
+SOFT_SHARING_FIELDS = ("components", "pi_zero", "tau", "init_std", "lr_means", "lr_log_precisions", "lr_mixing",
+                       "precision_prior_zero", "precision_prior", "merge_threshold", "include_bias")
 
 
 @dataclass
@@ -33,8 +39,12 @@ class QuantizeConfig(QuantConfig):
     ``fc_bits`` (2**bits shared values per layer; Deep Compression: 8 and 5) and ``init`` (k-means
     initialisation); ``learn`` (ste, lsq, pact: what a following finetune trains, as in
     :func:`netslim.quant.quantization_aware_training`); ``inq``: ``inq_bits`` and ``train`` (TrainConfig
-    fields for each portion); ``seed``. ``size_budget`` (a fraction of the all-``weight_bits`` weight
-    size) is the deprecated form of ``target``: ``size_budget: 0.5`` at 8 bits is ``target: "size:8"``."""
+    fields for each portion); ``soft_sharing``: every :class:`~netslim.quant.soft_sharing.SoftSharingConfig`
+    field (``components``, ``pi_zero``, ``tau``, ``init_std``, ``lr_means``, ``lr_log_precisions``,
+    ``lr_mixing``, ``precision_prior_zero``, ``precision_prior``, ``merge_threshold``, ``include_bias``,
+    ``exclude``, and ``train``: TrainConfig fields over the retraining's defaults); ``seed``.
+    ``size_budget`` (a fraction of the all-``weight_bits`` weight size) is the deprecated form of
+    ``target``: ``size_budget: 0.5`` at 8 bits is ``target: "size:8"``."""
 
     method: str = "kmeans"
     conv_bits: int = 8
@@ -45,6 +55,17 @@ class QuantizeConfig(QuantConfig):
     train: dict = field(default_factory=dict)
     seed: int = 0
     size_budget: float | None = field(default=None, metadata={"deprecated": "target"})
+    components: int = SoftSharingConfig.components
+    pi_zero: float = SoftSharingConfig.pi_zero
+    tau: float = SoftSharingConfig.tau
+    init_std: float | None = SoftSharingConfig.init_std
+    lr_means: float = SoftSharingConfig.lr_means
+    lr_log_precisions: float = SoftSharingConfig.lr_log_precisions
+    lr_mixing: float = SoftSharingConfig.lr_mixing
+    precision_prior_zero: list[float] = field(default_factory=lambda: list(PRECISION_PRIOR_ZERO))
+    precision_prior: list[float] = field(default_factory=lambda: list(PRECISION_PRIOR))
+    merge_threshold: float = SoftSharingConfig.merge_threshold
+    include_bias: bool = SoftSharingConfig.include_bias
 
     def __post_init__(self) -> None:
         if self.method not in QUANT_METHODS:
@@ -69,7 +90,20 @@ class QuantizeConfig(QuantConfig):
         super().__post_init__()  # validates the PTQ fields
         if self.target is not None and self.method != "ptq":
             raise NetslimError(f"target (mixed precision) needs method 'ptq', not {self.method!r}")
+        if self.method == "soft_sharing":
+            checked = self.soft_sharing_config()  # validates its fields, train over the retraining's defaults
+            self.precision_prior_zero, self.precision_prior = checked.precision_prior_zero, checked.precision_prior
+            return
+        defaults = SoftSharingConfig()
+        for name in SOFT_SHARING_FIELDS:
+            value = getattr(self, name)
+            if (list(value) if isinstance(value, tuple) else value) != getattr(defaults, name):
+                raise NetslimError(f"{name} applies to method 'soft_sharing' only, not {self.method!r}")
         TrainConfig(**self.train)
+
+    def soft_sharing_config(self) -> SoftSharingConfig:
+        """The :class:`SoftSharingConfig` of this stage: its fields of the same names."""
+        return SoftSharingConfig(**{f.name: getattr(self, f.name) for f in fields(SoftSharingConfig)})
 
     def ptq_config(self, layer_bits: dict[str, int] | None = None) -> QuantConfig:
         """This config with the widths a size target chose (recorded by the stage) fixed."""
@@ -78,6 +112,11 @@ class QuantizeConfig(QuantConfig):
 
 def _restore(model: nn.Module, cfg: QuantizeConfig, artifacts: dict | None = None) -> nn.Module:
     artifacts = artifacts or {}
+    if cfg.method == "soft_sharing":
+        from .soft_sharing import restore_soft_shared_
+        if "codebook_sizes" not in artifacts:
+            raise NetslimError("cannot restore a soft_sharing stage: its run state has no codebook sizes")
+        return restore_soft_shared_(model, artifacts["codebook_sizes"])
     if cfg.method in ("kmeans", "hash"):
         return restore_shared_(model, cfg.conv_bits, cfg.fc_bits, tuple(cfg.exclude))
     if cfg.method in ("binary", "ternary"):
@@ -95,9 +134,11 @@ def _restore(model: nn.Module, cfg: QuantizeConfig, artifacts: dict | None = Non
 
 @stage("quantize", QuantizeConfig, restore=_restore)
 def quantize(ctx: StageContext, cfg: QuantizeConfig) -> nn.Module:
-    """Weight sharing (k-means, hashing), post-training quantization, binary/ternary or INQ weights."""
+    """Weight sharing (k-means, hashing, soft), post-training quantization, binary/ternary or INQ weights."""
     if cfg.method in ("kmeans", "hash"):
         return _share(ctx, cfg)
+    if cfg.method == "soft_sharing":
+        return _soft_share(ctx, cfg)
     if cfg.method in ("binary", "ternary"):
         from .lowbit import lowbit_layer_names, lowbit_weights_
         names = lowbit_layer_names(lowbit_weights_(ctx.model, cfg.method, tuple(cfg.exclude)))
@@ -117,6 +158,25 @@ def _share(ctx: StageContext, cfg: QuantizeConfig) -> nn.Module:
     layers = shareable_layers(ctx.model, tuple(cfg.exclude))
     ctx.artifacts["notes"] = (f"{cfg.method} weight sharing, conv {cfg.conv_bits} bits, fc {cfg.fc_bits} bits "
                               f"({cfg.init} init) on {len(layers)} layers; fine-tune after it to train the centroids.")
+    return ctx.model
+
+
+def _soft_share(ctx: StageContext, cfg: QuantizeConfig) -> nn.Module:
+    from .soft_sharing import soft_weight_sharing_
+
+    report = soft_weight_sharing_(ctx.model, ctx.data.train, cfg.soft_sharing_config(), device=ctx.device,
+                                  progress=ctx.progress, checkpoint_path=ctx.stage_dir / "train.ckpt")
+    ctx.artifacts["codebook_sizes"] = dict(report.distinct)
+    last = report.history[-1] if report.history else {}
+    trained = f"{len(report.history)} epoch(s) of retraining"
+    if last:
+        trained += f", last train loss {last['train_loss']:.4f}"
+    if "complexity" in last:
+        trained += f", -log prior {last['complexity']:.4g}"
+    ctx.artifacts["notes"] = (
+        f"soft weight-sharing (Ullrich et al. 2017): {report.components} components, {report.merged_components} "
+        f"after merging (KL < {cfg.merge_threshold:g}); {trained}; {report.total_sparsity:.2%} of the shared "
+        f"weights are zero. Means (float16): {', '.join(f'{m:.4g}' for m in report.means)}.\n\n{report.table()}")
     return ctx.model
 
 
