@@ -195,3 +195,44 @@ def test_dead_unit_folding_is_undone_when_an_output_would_change():
     assert not report.applied
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert np.isfinite(report.max_output_change) and report.max_output_change > 0
+
+
+def test_encode_stage_folds_dead_units_and_rounds_to_float16(tmp_path, shared):
+    train = torch.utils.data.Subset(netslim.data.get("mnist", "train"), range(256))
+    test = torch.utils.data.Subset(netslim.data.get("mnist", "test"), range(256))
+    model = zoo.get("lenet300")
+    model.load_state_dict(torch.load(shared / "models/mnist_lenet300.pt", weights_only=True))
+    stages = [{"prune": {"sparsity": 0.98, "plan": "uniform"}}, {"quantize": {"method": "kmeans", "fc_bits": 3}},
+              {"encode": {"fold_dead_units": True, "precision": "float16"}}]
+    result = netslim.compress(model, stages, train_data=train, eval_data=test, out=tmp_path / "run", device="cpu",
+                              progress=False)
+    decoded = netslim.encode.load(tmp_path / "run" / "stages" / "02-encode" / "model.nsz", zoo.get("lenet300"))
+    for p in decoded.parameters():
+        assert torch.equal(p, p.half().float())  # every stored value is a float16 value
+    assert int((decoded.fc1.bias == 0).sum()) > 0  # units left without inputs or outputs lost their bias
+    x = torch.stack([test[i][0] for i in range(64)])
+    with torch.no_grad():
+        assert torch.equal(decoded(x), result.model.cpu()(x))
+    assert "Dead units zeroed" in (tmp_path / "run" / "report.md").read_text()
+    with pytest.raises(NetslimError, match="precision.*float16"):
+        netslim.compress(model, [{"encode": {"precision": "int4"}}], train_data=train, eval_data=test,
+                         out=tmp_path / "bad", device="cpu", progress=False)
+
+
+def test_quantize_stage_chooses_each_layers_bits_and_a_resumed_run_restores_them(tmp_path, shared):
+    train = torch.utils.data.Subset(netslim.data.get("mnist", "train"), range(512))
+    test = torch.utils.data.Subset(netslim.data.get("mnist", "test"), range(256))
+    model = zoo.get("lenet300")
+    model.load_state_dict(torch.load(shared / "models/mnist_lenet300.pt", weights_only=True))
+    stages = [{"prune": {"sparsity": 0.9}}, {"quantize": {"method": "kmeans", "max_drop": 0.5, "held_out": 500}},
+              {"finetune": {"epochs": 1, "max_steps_per_epoch": 2, "lr": 1e-4}}]
+    first = netslim.compress(model, stages, train_data=train, eval_data=test, out=tmp_path / "run", device="cpu",
+                             progress=False)
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "fewest bits keeping top-1 on 500 held-out training images" in report
+    again = netslim.compress(model, stages, train_data=train, eval_data=test, out=tmp_path / "run", device="cpu",
+                             progress=False)  # replays the finished run: the chosen widths are restored
+    assert torch.equal(first.model.fc1.weight, again.model.fc1.weight)
+    with pytest.raises(NetslimError, match="max_drop.*kmeans"):
+        netslim.compress(model, [{"quantize": {"method": "hash", "max_drop": 0.5}}], train_data=train,
+                         eval_data=test, out=tmp_path / "bad", device="cpu", progress=False)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, fields, replace
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from ..errors import NetslimError, unknown_choice
 from ..pipeline.stages import StageContext, stage
@@ -37,7 +37,8 @@ class QuantizeConfig(QuantConfig):
     :func:`netslim.quant.quantize` as they are: ``weight_bits``, ``act_bits``, ``calibrator``, ...,
     ``target: "size:N"`` for mixed precision), and: ``method``; weight sharing's ``conv_bits`` /
     ``fc_bits`` (2**bits shared values per layer; Deep Compression: 8 and 5) and ``init`` (k-means
-    initialisation); ``learn`` (ste, lsq, pact: what a following finetune trains, as in
+    initialisation), or ``max_drop`` (points of top-1): each layer gets the fewest bits keeping top-1 on
+    ``held_out`` training images within it (:mod:`netslim.quant.precision`); ``learn`` (ste, lsq, pact: what a following finetune trains, as in
     :func:`netslim.quant.quantization_aware_training`); ``inq``: ``inq_bits`` and ``train`` (TrainConfig
     fields for each portion); ``soft_sharing``: every :class:`~netslim.quant.soft_sharing.SoftSharingConfig`
     field (``components``, ``pi_zero``, ``tau``, ``init_std``, ``lr_means``, ``lr_log_precisions``,
@@ -49,6 +50,8 @@ class QuantizeConfig(QuantConfig):
     method: str = "kmeans"
     conv_bits: int = 8
     fc_bits: int = 5
+    max_drop: float | None = None
+    held_out: int = 10000
     init: str = "linear"
     learn: str = "ste"
     inq_bits: int = 5
@@ -74,6 +77,15 @@ class QuantizeConfig(QuantConfig):
             raise unknown_choice("k-means init", self.init, INITS)
         if self.learn not in LEARNERS:
             raise unknown_choice("QAT learner", self.learn, LEARNERS)
+        if self.max_drop is not None:
+            if self.method != "kmeans":
+                raise NetslimError(f"max_drop (per-layer bits chosen from data) applies to method 'kmeans' only, "
+                                   f"not {self.method!r}")
+            if isinstance(self.max_drop, bool) or not isinstance(self.max_drop, (int, float)) \
+                    or not 0 <= self.max_drop < 100:
+                raise NetslimError(f"max_drop must be points of top-1 in [0, 100), got {self.max_drop!r}")
+        if isinstance(self.held_out, bool) or not isinstance(self.held_out, int) or self.held_out < 1:
+            raise NetslimError(f"held_out must be a positive number of training images, got {self.held_out!r}")
         for name in ("conv_bits", "fc_bits"):
             bits = getattr(self, name)
             if not isinstance(bits, int) or not 1 <= bits <= 16:
@@ -117,6 +129,11 @@ def _restore(model: nn.Module, cfg: QuantizeConfig, artifacts: dict | None = Non
         if "codebook_sizes" not in artifacts:
             raise NetslimError("cannot restore a soft_sharing stage: its run state has no codebook sizes")
         return restore_soft_shared_(model, artifacts["codebook_sizes"])
+    if cfg.method == "kmeans" and cfg.max_drop is not None:
+        from .precision import restore_shared_bits_
+        if "sharing_bits" not in artifacts:
+            raise NetslimError("cannot restore a kmeans stage with max_drop: its run state has no chosen bits")
+        return restore_shared_bits_(model, artifacts["sharing_bits"])
     if cfg.method in ("kmeans", "hash"):
         return restore_shared_(model, cfg.conv_bits, cfg.fc_bits, tuple(cfg.exclude))
     if cfg.method in ("binary", "ternary"):
@@ -154,10 +171,32 @@ def quantize(ctx: StageContext, cfg: QuantizeConfig) -> nn.Module:
 
 
 def _share(ctx: StageContext, cfg: QuantizeConfig) -> nn.Module:
+    if cfg.max_drop is not None:
+        return _share_chosen_bits(ctx, cfg)
     share_weights_(ctx.model, cfg.conv_bits, cfg.fc_bits, cfg.method, cfg.init, tuple(cfg.exclude), cfg.seed)
     layers = shareable_layers(ctx.model, tuple(cfg.exclude))
     ctx.artifacts["notes"] = (f"{cfg.method} weight sharing, conv {cfg.conv_bits} bits, fc {cfg.fc_bits} bits "
                               f"({cfg.init} init) on {len(layers)} layers; fine-tune after it to train the centroids.")
+    return ctx.model
+
+
+def _share_chosen_bits(ctx: StageContext, cfg: QuantizeConfig) -> nn.Module:
+    """k-means sharing with each layer's bits chosen on held-out training images (:mod:`netslim.quant.precision`)."""
+    from ..surgery import bake_parametrizations_
+    from .precision import choose_sharing_bits, share_with_bits_
+
+    train = ctx.data.train_plain
+    g = torch.Generator().manual_seed(cfg.seed)
+    held_out = Subset(train, torch.randperm(len(train), generator=g)[:cfg.held_out].tolist())
+    bake_parametrizations_(ctx.model)
+    choice = choose_sharing_bits(ctx.model, held_out, max_drop=cfg.max_drop, exclude=tuple(cfg.exclude),
+                                 init=cfg.init, seed=cfg.seed, device=ctx.device)
+    share_with_bits_(ctx.model, choice.bits, cfg.init, cfg.seed)
+    ctx.artifacts["sharing_bits"] = dict(choice.bits)
+    ctx.artifacts["notes"] = (
+        f"k-means weight sharing, each layer at the fewest bits keeping top-1 on {len(held_out):,} held-out training "
+        f"images within {cfg.max_drop} points of the unshared model ({choice.reference_top1:.2%} -> "
+        f"{choice.final_top1:.2%}); fine-tune after it to train the centroids.\n\n{choice.markdown()}")
     return ctx.model
 
 
