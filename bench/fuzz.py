@@ -1,10 +1,12 @@
 """Fuzzing netslim's file decoders: mutated ``.nsz``, ``.nsq`` and ``.pt`` model files, each opened with
 :func:`netslim.load`; every outcome must be a clean :class:`~netslim.errors.NetslimError` or a model that runs.
 
-Cases are made from small seeded samples (a magnitude-pruned, weight-shared LeNet-300-100 ``.nsz``; a W8A8
+Cases are made from small seeded samples (a magnitude-pruned, weight-shared LeNet-300-100 ``.nsz``, in format
+versions 2 and 1, and a LeNet-5 one; a W8A8
 PTQ LeNet-5 ``.nsq``; a channel-pruned LeNet-5 ``.pt`` in the current and the legacy pruned format) by
 seeded mutations: byte flips anywhere, truncations, payload flips, JSON header edits (a field replaced by
-a hostile value, removed, added; deep nesting; a 5,000-digit integer) and, for ``.pt`` files, edits of the
+a hostile value, removed, added; deep nesting; a 5,000-digit integer; a compressed header that inflates far
+beyond its size), made on the decompressed text and recompressed, and, for ``.pt`` files, edits of the
 unpickled containers (fields, tensors, bytes of a tensor). The checksum (CRC-32 or SHA-256) is recomputed
 on most cases, as anyone altering a file would.
 
@@ -43,6 +45,7 @@ INPUT = (1, 1, 28, 28)
 def make_samples(folder: str | Path) -> dict[str, list[bytes]]:
     """The files every case mutates: format -> list of file bytes."""
     import netslim
+    from netslim.encode import read_nsz, write_nsz
     from netslim.prune.structured.serialize import save_pruned
     from netslim.quant import QuantConfig, quantize
 
@@ -65,6 +68,24 @@ def make_samples(folder: str | Path) -> dict[str, list[bytes]]:
         m5.fc1.bias.zero_()
         m5.conv2.weight[:, :6] = 0
     netslim.save(m5, folder / "m5.nsz", arch="lenet5")
+    # a LeNet-5 at the storage frontier: few live units on 8 float16-exact values per layer (2-byte codebooks,
+    # active row and column maps)
+    f5 = netslim.zoo.get("lenet5")
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for i, p in enumerate(f5.parameters()):
+            levels = (torch.randn(8, generator=g) * 0.1).half().float()
+            keep = torch.rand(p.shape, generator=g) < 0.3
+            if p.dim() > 1:
+                live = {0: 0.5, 2: 0.3, 4: 0.02}.get(i, 0.5)
+                keep &= (torch.rand(p.shape[0], generator=g) < live).view(-1, *[1] * (p.dim() - 1))
+                keep &= (torch.rand(p.shape[1], generator=g) < 3 * live).view(1, -1, *[1] * (p.dim() - 2))
+            p.copy_(torch.where(keep, levels[torch.randint(0, 8, p.shape, generator=g)], torch.zeros(())))
+    netslim.save(f5, folder / "f5.nsz", arch="lenet5")
+    # the first .nsz format (plain JSON header, offset/length blob spans), which netslim still reads; first in
+    # the list, as tests/test_fuzz.py's targeted cases edit its plain header
+    arch, tensors = read_nsz(folder / "m.nsz")
+    write_nsz(tensors, folder / "m_v1.nsz", arch, version=1)
     # .nsq: W8A8 PTQ of LeNet-5
     x = torch.randn(16, *INPUT[1:])
     q = quantize(netslim.zoo.get("lenet5"), x[:1], [x], QuantConfig(), device="cpu")
@@ -74,7 +95,7 @@ def make_samples(folder: str | Path) -> dict[str, list[bytes]]:
     # .pt: channel-pruned LeNet-5, the current format and the legacy netslim-pruned-v1
     netslim.save(_pruned_lenet5(), folder / "p.pt", arch="lenet5")
     save_pruned(_pruned_lenet5(), folder / "legacy.pt", "lenet5")
-    return {"nsz": [(folder / "m.nsz").read_bytes(), (folder / "m5.nsz").read_bytes()],
+    return {"nsz": [(folder / n).read_bytes() for n in ("m_v1.nsz", "m.nsz", "m5.nsz", "f5.nsz")],
             "nsq": [(folder / "q.nsq").read_bytes(), (folder / "q4.nsq").read_bytes()],
             "pt": [(folder / "p.pt").read_bytes(), (folder / "legacy.pt").read_bytes()]}
 
@@ -190,9 +211,13 @@ def _recrc(data: bytes) -> bytes:
     return data[:-4] + struct.pack("<I", zlib.crc32(data[:-4]) & 0xFFFFFFFF)
 
 
-def mutate_container(data: bytes, rng: random.Random, compressed: bool) -> bytes:
-    """A mutated ``.nsz`` (JSON header) or ``.nsq`` (zlib JSON header) file."""
+def mutate_container(data: bytes, rng: random.Random, compressed: bool | None = None) -> bytes:
+    """A mutated ``.nsz`` or ``.nsq`` file: a zlib-compressed JSON header (``.nsq``, ``.nsz`` version 2) is
+    edited decompressed and recompressed; a plain one (``.nsz`` version 1, ``compressed=None`` tells them
+    apart by the header's first byte) edited as is."""
     magic, header, payload = _split(data)
+    if compressed is None:
+        compressed = not header.startswith(b"{")
     text = zlib.decompress(header) if compressed else header
     pack = (lambda t: zlib.compress(t, 9)) if compressed else (lambda t: t)
     crc = rng.random() < 0.9
@@ -265,7 +290,7 @@ def make_case(fmt: str, samples: dict[str, list[bytes]], seed: int) -> bytes:
     data = rng.choice(samples[fmt])
     if fmt == "pt":
         return mutate_pt(data, rng)
-    return mutate_container(data, rng, compressed=(fmt == "nsq"))
+    return mutate_container(data, rng, compressed=True if fmt == "nsq" else None)
 
 
 # ------------------------------------------------------------------ one case

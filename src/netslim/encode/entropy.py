@@ -5,6 +5,7 @@ through ``bitarray``'s C implementation) and asymmetric numeral systems (ANS, Du
 from __future__ import annotations
 
 import itertools
+import json
 import math
 from dataclasses import dataclass, field
 
@@ -30,8 +31,9 @@ class CodedStream:
     payload: bytes = b""
 
     def table_bytes(self) -> int:
-        """Bytes the table takes when stored (counted as 4 bytes per integer, a safe upper bound)."""
-        return 4 * sum(len(v) if isinstance(v, list) else 1 for v in self.table.values())
+        """Bytes the table takes when stored: its compact JSON (the ``.nsz`` header holding it is
+        zlib-compressed, so this is an upper bound)."""
+        return len(json.dumps(self.table, separators=(",", ":")))
 
     @property
     def size_bytes(self) -> int:

@@ -4,8 +4,14 @@ Non-zero positions of a tensor flattened in row-major (CSR-like) or column-major
 order are stored as gaps: ``gap = position - previous position - 1`` in ``bits`` bits. A gap
 larger than ``2**bits - 1`` is bridged by filler entries, each an explicit zero advancing the
 position by ``2**bits``. Row pointers are implicit in the flattened positions.
+
+A pruned layer's whole dead output units (dim-0 slices) and input units (dim-1 slices) need not be
+walked at all: :func:`active_slices` finds the slices that hold a non-zero, and only the sub-tensor
+:func:`take_active` cuts out of them is gap-coded (:func:`put_active` puts it back).
 """
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
@@ -69,3 +75,24 @@ def decode_gaps(gaps: np.ndarray, symbols: np.ndarray, bits: int, numel: int, ze
     out = np.full(numel, zero_symbol, dtype=np.int64)
     out[positions] = symbols[~is_filler]
     return out
+
+
+# ------------------------------------------------------------------ active rows and columns
+def active_slices(nonzero: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, cols): boolean masks of the dim-0 and dim-1 slices of ``nonzero`` (a boolean array of at least
+    2 dimensions) that hold a non-zero. A pruned layer's dead output and input units are the False ones."""
+    m = nonzero.reshape(nonzero.shape[0], nonzero.shape[1], -1)
+    return m.any(axis=(1, 2)), m.any(axis=(0, 2))
+
+
+def take_active(values: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """The sub-tensor ``values[rows][:, cols]`` (trailing dimensions kept), contiguous."""
+    return np.ascontiguousarray(values[rows][:, cols])
+
+
+def put_active(sub: np.ndarray, rows: np.ndarray, cols: np.ndarray, shape, fill) -> np.ndarray:
+    """Inverse of :func:`take_active`: an array of ``shape`` filled with ``fill`` and ``sub`` at the active
+    rows and columns."""
+    out = np.full((shape[0], shape[1], math.prod(shape[2:])), fill, dtype=sub.dtype)
+    out[np.ix_(np.flatnonzero(rows), np.flatnonzero(cols))] = sub.reshape(int(rows.sum()), int(cols.sum()), -1)
+    return out.reshape(shape)
