@@ -100,11 +100,11 @@ def test_nsz_ans_stream_must_match_its_counts_and_payload(tmp_path):
     t[::3, ::5] = torch.randint(1, 4, t[::3, ::5].shape).float()
     write_nsz({"w": t}, tmp_path / "a.nsz", coders=("ans",))
     data = (tmp_path / "a.nsz").read_bytes()
-    doc = _header(data, False)
+    doc = _header(data, True)  # .nsz version 2: a zlib-compressed header
     stream = next(iter(doc["tensors"][0]["streams"].values()))
     stream["n"] = (1 << 20)
     stream["table"]["counts"][0] += (1 << 20) - sum(stream["table"]["counts"])
-    (tmp_path / "b.nsz").write_bytes(_rewrite(data, doc, False))
+    (tmp_path / "b.nsz").write_bytes(_rewrite(data, doc, True))
     with pytest.raises(NetslimError, match="tmp|b.nsz"):
         read_nsz(tmp_path / "b.nsz")
 

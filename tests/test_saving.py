@@ -44,13 +44,13 @@ def _records(structure: dict) -> dict:
 def _nsz_header(path) -> tuple[int, dict]:
     blob = path.read_bytes()
     (hlen,) = struct.unpack("<I", blob[4:8])
-    return hlen, json.loads(blob[8:8 + hlen])
+    return hlen, json.loads(zlib.decompress(blob[8:8 + hlen]))  # .nsz version 2: a zlib-compressed header
 
 
 def _rewrite_nsz(path, header: dict, out) -> None:
     blob = path.read_bytes()
     hlen = struct.unpack("<I", blob[4:8])[0]
-    new = json.dumps(header).encode()
+    new = zlib.compress(json.dumps(header).encode())
     body = blob[:4] + struct.pack("<I", len(new)) + new + blob[8 + hlen:-4]
     out.write_bytes(body + struct.pack("<I", zlib.crc32(body)))
 
