@@ -140,3 +140,19 @@ def test_test_limit_takes_a_class_balanced_random_subset(shared):
     subset = DataBundle("cifar10", test_limit=500).test
     labels = {int(subset[i][1]) for i in range(len(subset))}
     assert len(subset) == 500 and labels == set(range(10))  # the test set is stored sorted by class
+
+
+def test_recipe_augment_false_trains_on_the_plain_images(tmp_path):
+    from netslim.pipeline import load_recipe
+    from netslim.pipeline.runner import inputs_from_recipe
+
+    path = tmp_path / "r.yaml"
+    path.write_text("model: lenet300\ndata: mnist\naugment: false\nstages: [finetune]\n")
+    recipe = load_recipe(path)
+    bundle = inputs_from_recipe(recipe, torch.device("cpu")).data
+    assert torch.equal(bundle.train[0][0], bundle.train[0][0]) and bundle.train.augment == "none"
+    path.write_text("model: lenet300\ndata: mnist\nstages: [finetune]\n")
+    assert inputs_from_recipe(load_recipe(path), torch.device("cpu")).data.train.augment == "shift"
+    path.write_text("model: lenet300\ndata: mnist\naugment: 0\nstages: [finetune]\n")
+    with pytest.raises(NetslimError, match="augment.*true or false"):
+        load_recipe(path)

@@ -27,16 +27,18 @@ def _fixed_subset(ds: Dataset, count: int | None, seed: int) -> Dataset:
 
 @dataclass
 class DataBundle:
-    """A named dataset (``cifar10``, an ImageFolder path ...) loaded lazily through :mod:`netslim.data`."""
+    """A named dataset (``cifar10``, an ImageFolder path ...) loaded lazily through :mod:`netslim.data`;
+    ``augment=False`` (the recipe's ``augment: false``) trains on the plain images."""
 
     name: str
     root: str | None = None
     calib_size: int = 512
     test_limit: int | None = None
+    augment: bool = True
 
     @cached_property
     def train(self) -> Dataset:
-        return nsdata.get(self.name, "train", self.root, augment=True)
+        return nsdata.get(self.name, "train", self.root, augment=self.augment)
 
     @cached_property
     def train_plain(self) -> Dataset:

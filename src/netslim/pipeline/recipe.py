@@ -27,7 +27,7 @@ from ..zoo.references import resolve_reference
 from .stages import build_config, stage_for_config
 
 TOP_LEVEL_KEYS = ("name", "model", "weights", "data", "data_root", "num_classes", "device", "seed",
-                  "latency_batch_sizes", "test_limit", "calib_size", "stages")
+                  "latency_batch_sizes", "test_limit", "calib_size", "augment", "stages")
 
 
 @dataclass
@@ -51,6 +51,7 @@ class Recipe:
     latency_batch_sizes: list[int] = field(default_factory=lambda: [1])
     test_limit: int | None = None
     calib_size: int = 512
+    augment: bool = True
     base_dir: Path = Path(".")
 
     def to_dict(self) -> dict[str, Any]:
@@ -105,6 +106,8 @@ def parse_recipe(doc: Any, base_dir: Path = Path(".")) -> Recipe:
     stages = parse_stages(doc["stages"])
     fields = {k: v for k, v in doc.items() if k != "stages"}
     check_top_level_types(fields)
+    if not isinstance(fields.get("augment", True), bool):
+        raise NetslimError(f"recipe key 'augment' must be true or false, got {fields['augment']!r}")
     bs = fields.get("latency_batch_sizes", [1])
     if not isinstance(bs, list) or not all(isinstance(b, int) and b > 0 for b in bs):
         raise NetslimError(f"latency_batch_sizes must be a list of positive integers, got {bs!r}")

@@ -92,7 +92,8 @@ def inputs_from_recipe(recipe: Recipe, device: torch.device) -> RunInputs:
     if is_factory_reference(data_ref):
         bundle = bundle_from_reference(data_ref, recipe.calib_size, recipe.test_limit)
     else:
-        bundle = DataBundle(recipe.data, recipe.resolve_path(recipe.data_root), recipe.calib_size, recipe.test_limit)
+        bundle = DataBundle(recipe.data, recipe.resolve_path(recipe.data_root), recipe.calib_size, recipe.test_limit,
+                            recipe.augment)
     example = first_input(bundle.test).to(device)
     return RunInputs(original, bundle, example, model_name=model_ref, num_classes=recipe.num_classes)
 
