@@ -63,7 +63,7 @@ def test_local_reparameterization_matches_sampled_weights(layer):
     x = torch.randn(1, 6) if isinstance(layer, nn.Linear) else torch.randn(1, 3, 5, 5)
     layer.train()
     with torch.no_grad():
-        noisy = torch.stack([layer(x) for _ in range(4000)])
+        noisy = torch.stack([layer(x) for _ in range(2000)])
         layer.eval()
         mean = layer(x)
     hook.detach()
@@ -71,7 +71,7 @@ def test_local_reparameterization_matches_sampled_weights(layer):
     theta = layer.weight.detach().clone()
     sampled = []
     with torch.no_grad():
-        for _ in range(4000):
+        for _ in range(2000):
             layer.weight.copy_(theta + math.sqrt(0.05) * torch.randn_like(theta))
             sampled.append(layer(x))
         layer.weight.copy_(theta)
