@@ -94,16 +94,80 @@ def _add_model_args(p: argparse.ArgumentParser, weights_required: bool = False) 
     p.add_argument("--num-classes", type=_positive_int, default=None)
 
 
-def cmd_profile(args) -> int:
-    import torch
-
+def _profile_model(args) -> tuple["torch.nn.Module", tuple[int, ...]]:
+    """The model to profile and its input shape: a reference (zoo name, torchvision:/timm: name, factory) with
+    optional --weights, or a file written by netslim.save (.pt, .nsz, .nsq), which needs --input."""
     from . import zoo
-    from .profile import profile
 
+    if Path(args.model).suffix.lower() in (".pt", ".pth", ".nsz", ".nsq") or (
+            Path(args.model).is_file() and Path(args.model).suffix.lower() != ".py"):
+        import netslim
+
+        if args.weights:
+            raise NetslimError(f"--weights does not apply to the model file {args.model}: the file holds its weights")
+        if not args.input:
+            raise NetslimError(f"give the input shape of the model file {args.model} with --input, "
+                               "e.g. --input 1,3,32,32")
+        return netslim.load(args.model), args.input
     model = _model(args)
     shape = args.input or zoo.spec(args.model).input_size
     if not shape:
         raise NetslimError(f"{args.model} has no default input shape; give one with --input, e.g. --input 1,3,224,224")
+    return model, shape
+
+
+def _write_json(doc: dict, where: str) -> None:
+    """``--json`` alone prints ``doc``; ``--json PATH`` writes it to PATH."""
+    if where == "-":
+        print(json.dumps(doc, indent=2))
+        return
+    from .io import save_json
+
+    if Path(where).is_dir():
+        raise NetslimError(f"--json {where} is a directory; name the JSON file to write")
+    save_json(doc, where)
+
+
+def cmd_profile_compare(args, model, shape) -> int:
+    import torch
+
+    import netslim
+    from .profile import compare_breakdown
+
+    for flag, given in (("--sparse", args.sparse), ("--totals", args.totals), ("--no-latency", args.no_latency),
+                        ("--batch-sizes", args.batch_sizes is not None)):
+        if given:
+            raise NetslimError(f"{flag} does not combine with --compare; --compare takes --runtime, --batch-size, "
+                               "--threads, --repeats, --top and --json")
+    compressed = netslim.load(args.compare)
+    cmp = compare_breakdown(model, compressed, torch.randn(*shape), runtime=args.runtime or "torch",
+                            batch=args.batch_size or 1, threads=args.threads or 1, repeats=args.repeats or 20)
+    top = args.top or 5
+    if args.json:
+        _write_json({"model": args.model, "compressed": args.compare, "input_shape": list(shape),
+                     **cmp.to_dict(top)}, args.json)
+    if args.json != "-":
+        print(f"{args.model} vs. {args.compare}: time per layer, {cmp.runtime}, batch {cmp.batch}, "
+              f"{cmp.threads} thread(s)\n")
+        print(cmp.markdown(top))
+        if args.json:
+            print(f"\nwrote {args.json}")
+    return 0
+
+
+def cmd_profile(args) -> int:
+    import torch
+
+    from .profile import profile
+
+    model, shape = _profile_model(args)
+    if args.compare:
+        return cmd_profile_compare(args, model, shape)
+    given = [f for f, v in (("--runtime", args.runtime), ("--batch-size", args.batch_size), ("--top", args.top),
+                            ("--repeats", args.repeats)) if v is not None]
+    if given:
+        raise NetslimError(f"{', '.join(given)} apply to --compare COMPRESSED only")
+    args.batch_sizes = args.batch_sizes or (1,)
     try:
         prof = profile(model, torch.randn(*shape), latency=not args.no_latency, batch_sizes=args.batch_sizes,
                        threads=args.threads)
@@ -114,8 +178,8 @@ def cmd_profile(args) -> int:
         doc = {"model": args.model, **prof.to_dict(layers=not args.totals)}
         if args.sparse:
             doc["sparse_vs_dense"] = [vars(r) | {"speedup": r.speedup} for r in sparse_rows]
-        print(json.dumps(doc, indent=2))
-    else:
+        _write_json(doc, args.json)
+    if args.json != "-":
         print(f"{args.model} on input {tuple(shape)}")
         print(prof.table(layers=not args.totals))
         if args.sparse:
@@ -265,15 +329,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    p = sub.add_parser("profile", help="per-layer params, MACs, size, latency, energy")
+    p = sub.add_parser("profile", help="per-layer params, MACs, size, latency, energy; "
+                                       "--compare: time per layer against a compressed form")
     _add_model_args(p)
     p.add_argument("--input", type=_int_list, help="input shape, e.g. 1,3,32,32 (default: the model's)")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH",
+                   help="machine-readable output (to PATH when given)")
     p.add_argument("--totals", action="store_true", help="totals only, no per-layer table")
     p.add_argument("--no-latency", action="store_true")
-    p.add_argument("--batch-sizes", type=_int_list, default=(1,))
+    p.add_argument("--batch-sizes", type=_int_list, default=None, help="latency batch sizes (default 1)")
     p.add_argument("--threads", type=_positive_int, default=None)
     p.add_argument("--sparse", action="store_true", help="also time linear layers with sparse CSR kernels")
+    p.add_argument("--compare", metavar="COMPRESSED", default=None,
+                   help="a compressed form of the model (a netslim.save file): time per layer of both, matched by name")
+    p.add_argument("--runtime", choices=("torch", "ort"), default=None,
+                   help="with --compare: torch (eager, torch.profiler) or ort (onnxruntime's node profile); "
+                        "default torch")
+    p.add_argument("--batch-size", type=_positive_int, default=None, help="with --compare: batch size (default 1)")
+    p.add_argument("--repeats", type=_positive_int, default=None, help="with --compare: profiled runs (default 20)")
+    p.add_argument("--top", type=_positive_int, default=None,
+                   help="with --compare: flag the K slowest layers and the K furthest below their MAC cut (default 5)")
     p.set_defaults(func=cmd_profile)
 
     p = sub.add_parser("evaluate", help="top-1 / top-5 on a dataset's test split")

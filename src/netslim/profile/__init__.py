@@ -1,7 +1,9 @@
 """Measurement in the survey's terms: parameters, MACs, stored size, latency, activation memory, energy.
 
 ``netslim.profile(model, example_input)`` returns a :class:`Profile` (per-layer table and totals);
-``netslim.compare(original, compressed, data)`` returns the six ratios r_A, r_p, r_T, r_c, r_E, r_D.
+``netslim.compare(original, compressed, data)`` returns the six ratios r_A, r_p, r_T, r_c, r_E, r_D;
+``compare_breakdown(original, compressed, example_input)`` the time per layer of both, matched by name
+(:mod:`netslim.profile.breakdown`).
 """
 from __future__ import annotations
 
@@ -150,6 +152,8 @@ def profile(model: nn.Module, example_input: Any, *, latency: bool = True,
 
 
 from .compare import Comparison, compare  # noqa: E402
+from .breakdown import BreakdownComparison, ComparedLayer, LayerTime, compare_breakdown, layer_breakdown  # noqa: E402
 
 __all__ = ["profile", "Profile", "LayerStats", "compare", "Comparison", "measure_latency", "stored_bytes",
-           "estimate_energy", "human", "deployed_tensors", "deployable_copy"]
+           "estimate_energy", "human", "deployed_tensors", "deployable_copy", "layer_breakdown", "compare_breakdown",
+           "LayerTime", "ComparedLayer", "BreakdownComparison"]
