@@ -2,7 +2,7 @@
 storage frontier past it (sparse variational dropout, soft weight-sharing, per-layer precision).
 
 Runs ``recipes/deep_compression_<model>.yaml``, ``recipes/frontier_<model>.yaml`` and
-``recipes/frontier_accurate_lenet5.yaml`` through the public pipeline
+``recipes/frontier_accurate_lenet5.yaml`` and ``recipes/soft_sharing_lenet300.yaml`` through the public pipeline
 (the same code as ``netslim compress``), then checks and measures what the issues ask for:
 
 * stored size: the ``.nsz`` file vs. the fp32 parameters (LeNet-300-100: 1,066,440 bytes);
@@ -52,7 +52,8 @@ LITERATURE = {  # compression ratio, test error (issue 17's table)
 METHODS = {"deep_compression": "deep compression (prune AGP + k-means + .nsz)",
            "frontier": "storage frontier (sparse variational dropout + per-layer k-means + .nsz)",
            "frontier_accurate": "storage frontier, accuracy point (milder sparse variational dropout + per-layer "
-                                "k-means + .nsz)"}
+                                "k-means + .nsz)",
+           "soft_sharing": "soft weight-sharing (Gaussian-mixture prior retraining + .nsz)"}
 
 
 def identical_outputs(a: torch.nn.Module, b: torch.nn.Module, data) -> bool:
@@ -178,8 +179,9 @@ def run_model(name: str, runs: Path, kind: str = "deep_compression") -> tuple[li
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="lenet300,lenet5")
-    parser.add_argument("--recipes", default="deep_compression,frontier,frontier_accurate",
-                        help="recipe families to run: deep_compression, frontier, frontier_accurate (comma-separated; "
+    parser.add_argument("--recipes", default="deep_compression,frontier,frontier_accurate,soft_sharing",
+                        help="recipe families to run: deep_compression, frontier, frontier_accurate, soft_sharing "
+                             "(comma-separated; "
                              "recipes/<family>_<model>.yaml, skipped where there is none)")
     parser.add_argument("--runs", default="runs/bench", help="run directories (resumable)")
     parser.add_argument("--out", default="bench/results")
