@@ -26,8 +26,8 @@ def exact_neg_kl(log_alpha: float) -> float:
     def f(e):
         return math.log(abs(e)) * math.exp(-0.5 * ((e - 1) / sd) ** 2) / (sd * math.sqrt(2 * math.pi))
     lo, hi = 1 - 12 * sd, 1 + 12 * sd
-    points = [0.0] if lo < 0 < hi else None
-    value, _ = integrate.quad(f, lo, hi, points=points, limit=400)
+    pieces = [(lo, 0.0), (0.0, hi)] if lo < 0 < hi else [(lo, hi)]  # log|e| is singular (integrably) at 0
+    value = sum(integrate.quad(f, a, b, limit=400)[0] for a, b in pieces)
     return 0.5 * log_alpha - value
 
 
