@@ -83,6 +83,31 @@ def _parse_constant(text: str):
     raise ValueError(f"{text} is not allowed")
 
 
+class InflateError(ValueError):
+    """:func:`bounded_inflate` refused its data; ``reason`` is ``"not zlib"``, ``"too large"`` or ``"truncated"``."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def bounded_inflate(data: bytes, limit: int) -> bytes:
+    """zlib ``data`` decompressed to at most ``limit`` bytes and consumed exactly (a header of ``.nsz`` or ``.nsq``);
+    anything else raises :class:`InflateError`, and the caller words it for its file."""
+    import zlib
+
+    d = zlib.decompressobj()
+    try:
+        text = d.decompress(data, limit + 1)
+    except zlib.error:
+        raise InflateError("not zlib") from None
+    if len(text) > limit or d.unconsumed_tail:
+        raise InflateError("too large")
+    if not d.eof or d.unused_data:
+        raise InflateError("truncated")
+    return text
+
+
 def bounded_json(data: bytes, source: str, what: str = "header", max_depth: int = MAX_JSON_DEPTH) -> Any:
     """Parse untrusted JSON ``data``: UTF-8, nesting at most ``max_depth`` deep, integers within 2**53, no
     NaN/Infinity; any violation is a :class:`NetslimError` naming ``source`` and ``what``."""

@@ -68,7 +68,7 @@ import numpy as np
 import torch
 
 from ..errors import NetslimError
-from ..io import atomic_write, bounded_json
+from ..io import InflateError, atomic_write, bounded_inflate, bounded_json
 from .entropy import CODERS, CodedStream, decode_stream, encode_stream, shannon_bits
 from .sparse_index import (LAYOUTS, active_slices, decode_gaps, encode_gaps, flatten_order, gap_positions,
                            put_active, take_active)
@@ -656,15 +656,13 @@ def _unorder(seq: np.ndarray, shape, layout: str) -> np.ndarray:
 
 def _inflate(data: bytes, path) -> bytes:
     """A version-2 header: zlib data decompressed to at most :data:`MAX_HEADER` bytes, consumed exactly."""
-    d = zlib.decompressobj()
     try:
-        text = d.decompress(data, MAX_HEADER + 1)
-    except zlib.error:
-        raise NetslimError(f"{path}: corrupt .nsz file (header is neither JSON nor zlib data)") from None
-    _check(len(text) <= MAX_HEADER and not d.unconsumed_tail, path,
-           f"header inflates to more than {MAX_HEADER:,} bytes")
-    _check(d.eof and not d.unused_data, path, "header: truncated or trailing zlib data")
-    return text
+        return bounded_inflate(data, MAX_HEADER)
+    except InflateError as exc:  # a version-1 header starts with "{": what is not zlib is neither
+        reason = {"not zlib": "header is neither JSON nor zlib data",
+                  "too large": f"header inflates to more than {MAX_HEADER:,} bytes",
+                  "truncated": "header: truncated or trailing zlib data"}[exc.reason]
+        raise NetslimError(f"{path}: corrupt .nsz file ({reason})") from None
 
 
 def read_nsz_header(path: str | Path) -> tuple[dict, bytes]:

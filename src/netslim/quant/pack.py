@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from ..errors import NetslimError
-from ..io import atomic_write, bounded_json
+from ..io import InflateError, atomic_write, bounded_inflate, bounded_json
 from .modules import weight_quantizers
 from .qspec import QuantSpec, dequantize, quantize_to_int
 
@@ -125,13 +125,12 @@ _WEIGHT = ".parametrizations.weight.original"
 
 def _header(data: bytes, path) -> dict:
     """The zlib-compressed JSON header, decompressed to at most :data:`MAX_HEADER` bytes and parsed with bounds."""
-    d = zlib.decompressobj()
     try:
-        text = d.decompress(data, MAX_HEADER + 1)
-    except zlib.error:
-        raise NetslimError(f"{path}: corrupt .nsq file (header is not zlib data)") from None
-    _check(len(text) <= MAX_HEADER and not d.unconsumed_tail, path, f"header larger than {MAX_HEADER} bytes")
-    _check(d.eof and not d.unused_data, path, "header length")
+        text = bounded_inflate(data, MAX_HEADER)
+    except InflateError as exc:
+        reason = {"not zlib": "header is not zlib data", "too large": f"header larger than {MAX_HEADER} bytes",
+                  "truncated": "header length"}[exc.reason]
+        raise NetslimError(f"{path}: corrupt .nsq file ({reason})") from None
     return bounded_json(text, str(path), ".nsq header")
 
 
