@@ -13,7 +13,8 @@ import netslim
 from netslim.cli import main
 from netslim.errors import NetslimError
 from netslim.profile import compare_breakdown, layer_breakdown
-from netslim.profile.breakdown import OUTSIDE, OUTSIDE_OPS, ROOT, _OnnxGraph, _scope_module
+from netslim.profile.breakdown import OUTSIDE, OUTSIDE_OPS, ROOT
+from netslim.profile.ort_trace import _OnnxGraph, _scope_module
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -180,3 +181,27 @@ def test_cli_bad_input_is_one_error_line(pruned_lenet5, tmp_path, capsys, case, 
     rc = main(["profile", "--model", "lenet5", *args])
     err = capsys.readouterr().err
     assert rc == 2 and needle in err and err.startswith("netslim: error:") and err.strip().count("\n") == 0
+
+
+def test_cli_runtimes_times_both_models_side_by_side(pruned_lenet5, tmp_path, capsys):
+    dense, pruned = pruned_lenet5
+    out = tmp_path / "runtimes.json"
+    rc = main(["profile", "--model", "lenet5", "--weights", str(dense), "--compare", str(pruned), "--runtimes",
+               "eager,ort", "--batch-sizes", "1,16", "--repeats", "3", "--json", str(out)])
+    text = capsys.readouterr().out
+    assert rc == 0 and "fastest at batch 1:" in text and "fastest at batch 16:" in text
+    doc = json.loads(out.read_text())
+    assert [(r["runtime"], r["batch"]) for r in doc["rows"]] == [("eager", 1), ("eager", 16), ("ort", 1), ("ort", 16)]
+    for row in doc["rows"]:
+        assert row["lenet5"]["ms"] > 0 and row[str(pruned)]["ms"] > 0
+        assert row["speedup"] == pytest.approx(row["lenet5"]["ms"] / row[str(pruned)]["ms"])
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--runtimes", "eager,tvm"], "unknown runtime 'tvm'; valid runtimes: compile, eager, ort"),
+    (["--runtimes", "ort", "--top", "3"], "--top does not combine with --runtimes"),
+])
+def test_cli_runtimes_mistakes_are_one_line(pruned_lenet5, capsys, args, needle):
+    rc = main(["profile", "--model", "lenet5", *args])
+    err = capsys.readouterr().err
+    assert rc == 2 and needle in err and err.strip().count("\n") == 0

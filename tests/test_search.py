@@ -171,34 +171,34 @@ def _worker(tmp_path: Path, shared: Path, db: Path, out: Path, trials: int) -> s
 
 def test_killed_search_resumes_its_study(shared, tmp_path):
     db = tmp_path / "study.db"
-    proc = _worker(tmp_path, shared, db, tmp_path / "run", 10)
+    proc = _worker(tmp_path, shared, db, tmp_path / "run", 6)
     deadline = time.time() + 240
-    while len(_complete_trials(db)) < 3 and proc.poll() is None and time.time() < deadline:
+    while len(_complete_trials(db)) < 2 and proc.poll() is None and time.time() < deadline:
         time.sleep(0.5)
     assert proc.poll() is None, f"the worker ended before it was killed: {proc.stderr.read()[-2000:]}"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     before = len(_complete_trials(db))
-    assert 3 <= before < 10
-    again = _worker(tmp_path, shared, db, tmp_path / "run", 10)
+    assert 2 <= before < 6
+    again = _worker(tmp_path, shared, db, tmp_path / "run", 6)
     _, err = again.communicate(timeout=300)
     assert again.returncode == 0, err[-2000:]
     after = _complete_trials(db)
-    assert len(after) >= 10  # the study went on to its total
-    assert before + (10 - before) <= len(after) < before + 10  # the restart ran only what was missing
-    assert json.loads((tmp_path / "run" / "search.json").read_text())["trials"] >= 10
+    assert len(after) >= 6  # the study went on to its total
+    assert len(after) < before + 6  # the restart ran only what was missing, not a fresh study of 6
+    assert json.loads((tmp_path / "run" / "search.json").read_text())["trials"] >= 6
 
 
 def test_two_workers_share_one_study(shared, tmp_path):
     db = tmp_path / "shared.db"
     _complete_trials(db)
-    first = _worker(tmp_path, shared, db, tmp_path / "a", 24)
-    second = _worker(tmp_path, shared, db, tmp_path / "b", 24)
+    first = _worker(tmp_path, shared, db, tmp_path / "a", 12)
+    second = _worker(tmp_path, shared, db, tmp_path / "b", 12)
     for p in (first, second):
         _, err = p.communicate(timeout=300)
         assert p.returncode == 0, err[-2000:]
     trials = _complete_trials(db)
-    assert 24 <= len(trials) <= 26  # the study's total, not each worker's
+    assert 12 <= len(trials) <= 14  # the study's total, not each worker's
     workers = {w for _, w in trials if w}
     assert len(workers) == 2, f"trials by one worker only: {workers}"
 

@@ -155,12 +155,69 @@ def cmd_profile_compare(args, model, shape) -> int:
     return 0
 
 
+def _runtime_list(text: str) -> list[str]:
+    from .errors import unknown_choice
+    from .profile.runtimes import RUNTIMES
+
+    chosen = [r.strip() for r in text.split(",") if r.strip()]
+    bad = [r for r in chosen if r not in RUNTIMES] or ([] if chosen else [text])
+    if bad:
+        raise unknown_choice("runtime", bad[0], RUNTIMES)
+    return chosen
+
+
+def cmd_profile_runtimes(args, model, shape) -> int:
+    """``--runtimes``: the model (and --compare's compressed form, side by side) timed in each runtime."""
+    import torch
+
+    import netslim
+    from .profile.runtimes import Setting, time_runtimes
+
+    for flag, given in (("--sparse", args.sparse), ("--totals", args.totals), ("--no-latency", args.no_latency),
+                        ("--runtime", args.runtime is not None), ("--batch-size", args.batch_size is not None),
+                        ("--top", args.top is not None)):
+        if given:
+            raise NetslimError(f"{flag} does not combine with --runtimes; --runtimes takes --batch-sizes, --threads, "
+                               "--repeats, --compare and --json")
+    models = {args.model: model}
+    if args.compare:
+        models[args.compare] = netslim.load(args.compare)
+    settings = [Setting(r, b, args.threads or 1) for r in _runtime_list(args.runtimes)
+                for b in (args.batch_sizes or (1,))]
+    timed = time_runtimes(models, torch.randn(*shape), settings, repeats=args.repeats or 20)
+    names = list(models)
+    rows = []
+    for setting in settings:
+        row = {"runtime": setting.runtime, "batch": setting.batch, "threads": setting.threads}
+        for name in names:
+            row[name] = {"ms": timed[name][setting.key].ms, "layout": timed[name][setting.key].layout}
+        if len(names) == 2:
+            row["speedup"] = row[names[0]]["ms"] / row[names[1]]["ms"]
+        rows.append(row)
+    if args.json:
+        _write_json({"model": args.model, "compressed": args.compare, "input_shape": list(shape), "rows": rows},
+                    args.json)
+    if args.json != "-":
+        print(f"{' vs. '.join(names)}: median ms per forward, {args.threads or 1} thread(s)\n")
+        head = f"{'runtime':<9}{'batch':>6}" + "".join(f"{n[-22:]:>24}" for n in names)
+        print(head + ("   speed-up" if len(names) == 2 else ""))
+        for row in rows:
+            line = f"{row['runtime']:<9}{row['batch']:>6}" + "".join(f"{row[n]['ms']:>24.3f}" for n in names)
+            print(line + (f"{row['speedup']:>10.2f}x" if len(names) == 2 else ""))
+        for batch in dict.fromkeys(r["batch"] for r in rows):
+            best = min((r for r in rows if r["batch"] == batch), key=lambda r: r[names[-1]]["ms"])
+            print(f"fastest at batch {batch}: {best['runtime']} ({best[names[-1]]['ms']:.3f} ms)")
+    return 0
+
+
 def cmd_profile(args) -> int:
     import torch
 
     from .profile import profile
 
     model, shape = _profile_model(args)
+    if args.runtimes:
+        return cmd_profile_runtimes(args, model, shape)
     if args.compare:
         return cmd_profile_compare(args, model, shape)
     given = [f for f, v in (("--runtime", args.runtime), ("--batch-size", args.batch_size), ("--top", args.top),
@@ -349,6 +406,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=_positive_int, default=None, help="with --compare: profiled runs (default 20)")
     p.add_argument("--top", type=_positive_int, default=None,
                    help="with --compare: flag the K slowest layers and the K furthest below their MAC cut (default 5)")
+    p.add_argument("--runtimes", default=None, metavar="LIST",
+                   help="time the model (and --compare's, side by side) in these runtimes: eager, compile, ort "
+                        "(comma-separated), at --batch-sizes with --threads")
     p.set_defaults(func=cmd_profile)
 
     p = sub.add_parser("evaluate", help="top-1 / top-5 on a dataset's test split")

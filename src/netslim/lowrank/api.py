@@ -32,7 +32,10 @@ class DecomposeConfig:
     measures accuracy on. ``layers`` / ``exclude``: which layers (a name covers its submodules);
     ``ranks``: explicit ranks per layer. ``batchnorm``: a BatchNorm between spatial factors.
     ``refit_images`` > 0: refit each decomposed layer's last factor on that many images so it reproduces
-    the layer's outputs before decomposition (asymmetric reconstruction, Zhang 2016); ``refit_mode``:
+    the layer's outputs before decomposition (asymmetric reconstruction, Zhang 2016). ``latency_device``:
+    a target of :data:`netslim.search.cost.DEVICES` (``ort-cpu``, ``torch-cpu``, ``torch-cuda``), timed at
+    ``latency_batch`` with ``latency_threads``: a layer whose factors are not faster there than the layer is
+    left dense and the ranks re-chosen without it (:mod:`.measured`). ``refit_mode``:
     ``sequential`` (layer after layer) or ``one_pass`` (all layers from one forward pass: much faster on
     deep models, what the search uses).
     ``reduction``: deprecated (``target: macs`` + ``reduction: 2`` is ``target: "macs:2"``)."""
@@ -51,6 +54,8 @@ class DecomposeConfig:
     refit_images: int = 0
     refit_mode: str = "sequential"
     latency_batch: int = 1
+    latency_device: str | None = None
+    latency_threads: int = 1
     reduction: float | None = field(default=None, metadata={"deprecated": "target"})
 
     def __post_init__(self) -> None:
@@ -72,6 +77,9 @@ class DecomposeConfig:
             raise NetslimError(f"energy must be in (0, 1], got {self.energy}")
         if self.refit_images < 0:
             raise NetslimError(f"refit_images must be >= 0, got {self.refit_images}")
+        if self.latency_device is not None:
+            from ..search.cost import Device
+            Device(self.latency_device, self.latency_threads, self.latency_batch)
         if self.refit_mode not in REFIT_MODES:
             raise unknown_choice("refit_mode", self.refit_mode, REFIT_MODES)
         if self.sensitivity_samples < 1:
@@ -114,20 +122,9 @@ def decompose(model: nn.Module, example_input: torch.Tensor, config: DecomposeCo
     work, reference = working_copies(model, device, inplace=inplace, keep_reference=bool(cfg.refit_images))
     x = example_input.to(device)
     details: dict[str, Any] = {}
-    if cfg.selector == "target":
-        if eval_data is None:
-            raise NetslimError("selector 'target' needs eval_data: held-out labelled data to measure accuracy on")
-        held_out = fixed_subset(eval_data, cfg.sensitivity_samples, seed=0)
-        report, details["sensitivity"] = greedy_rank_search(
-            work, x, held_out, cfg.parsed_target, cfg.method, tuple(cfg.candidates), tuple(cfg.layers),
-            tuple(cfg.exclude), cfg.batchnorm, device, progress, latency_batch=cfg.latency_batch)
-    elif cfg.selector == "energy_target":
-        report, details["energy"] = energy_rank_search(work, x, cfg.parsed_target, cfg.method, tuple(cfg.layers),
-                                                       tuple(cfg.exclude))
-    else:
-        value = cfg.energy if cfg.selector == "energy" else cfg.rank
-        report = plan_decomposition(work, x, cfg.method, cfg.selector, value, tuple(cfg.layers),
-                                    tuple(cfg.exclude), cfg.ranks)
+    report = _plan(work, x, cfg, tuple(cfg.exclude), eval_data, device, progress, details)
+    if cfg.latency_device is not None:
+        report = _keep_faster_on_target(work, x, cfg, report, eval_data, device, progress, details)
     apply_plan_(work, report, cfg.batchnorm)
     if cfg.refit_images:
         if calib_data is None:
@@ -138,3 +135,53 @@ def decompose(model: nn.Module, example_input: torch.Tensor, config: DecomposeCo
                         sequential=cfg.refit_mode == "sequential")
         details["refit_relative_error"] = {n: {"before": b, "after": a} for n, (b, a) in errors.items()}
     return DecomposeResult(work, report, details)
+
+
+def _plan(work: nn.Module, x: torch.Tensor, cfg: DecomposeConfig, exclude: tuple[str, ...], eval_data, device,
+          progress: bool, details: dict) -> DecompositionReport:
+    """The per-layer method and rank ``cfg``'s selector picks, layers in ``exclude`` left out."""
+    if cfg.selector == "target":
+        if eval_data is None:
+            raise NetslimError("selector 'target' needs eval_data: held-out labelled data to measure accuracy on")
+        held_out = fixed_subset(eval_data, cfg.sensitivity_samples, seed=0)
+        report, details["sensitivity"] = greedy_rank_search(
+            work, x, held_out, cfg.parsed_target, cfg.method, tuple(cfg.candidates), tuple(cfg.layers),
+            exclude, cfg.batchnorm, device, progress, latency_batch=cfg.latency_batch)
+        return report
+    if cfg.selector == "energy_target":
+        report, details["energy"] = energy_rank_search(work, x, cfg.parsed_target, cfg.method, tuple(cfg.layers),
+                                                       exclude)
+        return report
+    value = cfg.energy if cfg.selector == "energy" else cfg.rank
+    return plan_decomposition(work, x, cfg.method, cfg.selector, value, tuple(cfg.layers), exclude, cfg.ranks)
+
+
+def _keep_faster_on_target(work: nn.Module, x: torch.Tensor, cfg: DecomposeConfig, report: DecompositionReport,
+                           eval_data, device, progress: bool, details: dict, rounds: int = 3) -> DecompositionReport:
+    """Re-plan without the layers whose factors are not faster on ``cfg.latency_device`` than the layer
+    (at most ``rounds`` times); those layers are marked skipped with both times in ``details["on_target"]``."""
+    from ..search.cost import LatencyTable, parse_device
+    from ..surgery import safe_deepcopy
+    from .measured import factor_timings
+
+    table = LatencyTable(parse_device(cfg.latency_device, cfg.latency_threads, cfg.latency_batch))
+    slow: dict[str, Any] = {}
+    for _ in range(rounds):
+        trial = apply_plan_(safe_deepcopy(work).cpu(), report, cfg.batchnorm, iters=1)  # values do not change time
+        names = [n for n, p in report.layers.items() if p.skipped is None]
+        timings = factor_timings(safe_deepcopy(work).cpu(), trial, names, x.cpu(), table)
+        details.setdefault("on_target", {}).update(
+            {n: {"dense_ms": t.dense_ms, "factored_ms": t.factored_ms} for n, t in timings.items()})
+        newly = {n: t for n, t in timings.items() if not t.faster}
+        if not newly:
+            break
+        slow.update(newly)
+        report = _plan(work, x, cfg, tuple(cfg.exclude) + tuple(slow), eval_data, device, progress, details)
+    for name, t in slow.items():
+        plan = report.layers.get(name)
+        note = (f"skipped: not faster on {table.device.key} ({t.factored_ms:.3f} ms factored vs "
+                f"{t.dense_ms:.3f} ms dense)")
+        if plan is not None:
+            plan.skipped = note
+    details["slower_on_target"] = sorted(slow)
+    return report

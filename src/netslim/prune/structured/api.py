@@ -16,6 +16,7 @@ from ...targets import METRICS, Target, bisect, check_scope, measure, parse_targ
 from .apply import remove_groups_
 from .criteria import CRITERIA, group_scores
 from .graph import DependencyGraph, trace
+from .rounding import STEPS, RoundingTrial, choose_step, rounded_removal
 from .select import LayerGroup, layer_groups, select
 
 log = logging.getLogger("netslim.prune.structured")
@@ -59,11 +60,55 @@ def ratio_for_target(model, example_input, graph, lgs, scores, target: Target, s
     return found.knob, found.result
 
 
+def _check_round_to(round_to: int | str) -> bool:
+    """True for ``"measured"``; an int >= 1 passes; anything else is one clear error."""
+    if round_to == "measured":
+        return True
+    if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
+        raise NetslimError(f"round_to must be an integer >= 1 or 'measured', got {round_to!r}")
+    return False
+
+
+def _round_measured(model, example_input, graph, lgs, scores, scope, min_keep, ratio, ratios, target,
+                    latency_device, rounding) -> set[int]:
+    """The groups to remove under the rounding step that runs fastest on ``latency_device`` (:mod:`.rounding`):
+    the unrounded selection for ``target`` (or ``ratio``), then each step's rounding of it (moved back within a
+    MAC target), each model pruned and timed whole; ``rounding`` gets the trials."""
+    from ...search.cost import Device, measure_ms, parse_device
+
+    if latency_device is None:
+        latency_device = Device("torch-cpu", 1, int(example_input.shape[0]))
+    device = latency_device if isinstance(latency_device, Device) else parse_device(str(latency_device))
+    if target is None:
+        knob, plain = ratio, select(lgs, scores, ratio, scope, 1, min_keep, ratios)
+    else:
+        knob, plain = ratio_for_target(model, example_input, graph, lgs, scores, target, scope, 1, min_keep)
+    goal = None
+    if target is not None and target.metric == "macs":
+        goal = int(target.goal(measure(model, example_input, "macs")))
+
+    def macs_of(remove: set[int]) -> int:
+        return int(measure(_prune_copy(model, graph, remove), example_input, "macs"))
+
+    trials, removals = [], {}
+    for m in STEPS:
+        remove = plain if m == 1 else rounded_removal(lgs, scores, plain, m, macs_of, goal)
+        pruned = _prune_copy(model, graph, remove)
+        ms = measure_ms(device, pruned, example_input, repeats=10, rounds=3)
+        trials.append(RoundingTrial(m, round(knob, 4), int(measure(pruned, example_input, "macs")), ms))
+        removals[m] = remove
+    pick = choose_step(trials)
+    if rounding is not None:
+        rounding.extend(trials)
+    return removals[pick.step]
+
+
 def structured(model: nn.Module, example_input: torch.Tensor, ratio: float = 0.5, criterion: str = "l1", *,
-               scope: str = "uniform", target: str | dict | None = None, round_to: int = 1,
+               scope: str = "uniform", target: str | dict | None = None, round_to: int | str = 1,
                exclude: Iterable[str] = (), calib_data=None, min_keep: float = 0.1, seed: int = 0,
                inplace: bool = False, graph: DependencyGraph | None = None, calib_batches: int = 8,
-               data=None, ratios: dict[str, float] | None = None) -> nn.Module:
+               data=None, ratios: dict[str, float] | None = None, latency_device=None,
+               rounding: list | None = None) -> nn.Module:
     """Remove whole channels from ``model`` and return a physically smaller, dense model.
 
     ``ratio``: fraction of each layer's channels to remove (``scope="uniform"``), or of all
@@ -74,7 +119,11 @@ def structured(model: nn.Module, example_input: torch.Tensor, ratio: float = 0.5
     ratio of the channels it produces and of every layer coupled to them; a name covers its submodules).
     ``criterion``: one of :data:`CRITERIA` (``taylor`` needs ``calib_data``, batches of (inputs, targets),
     of which it reads ``calib_batches``; ``data=`` is its deprecated name). ``round_to``: kept channel
-    counts become multiples of it. ``exclude``: layers whose output channels stay (their inputs may shrink;
+    counts become multiples of it; ``"measured"``: kept counts are rounded to multiples of 1, 4, 8 or 16
+    (a multiple at most half a layer's channels), whichever runs fastest on ``latency_device`` (a
+    :class:`netslim.search.cost.Device` or its name, default ``torch-cpu`` with 1 thread at ``example_input``'s
+    batch size), each candidate re-bisected to ``target`` and timed whole (:mod:`.rounding`); the trials are
+    appended to the list ``rounding`` when one is given. ``exclude``: layers whose output channels stay (their inputs may shrink;
     a name covers its submodules). ``inplace``: prune ``model`` itself instead of a copy.
     The output is unchanged in structure and shape - every tensor of a tuple, list or dict output (a
     segmentation model's ``{"out", "aux"}``) is checked; channels that cannot be removed safely are kept
@@ -94,7 +143,11 @@ def structured(model: nn.Module, example_input: torch.Tensor, ratio: float = 0.5
     scores = group_scores(criterion, work, graph, calib_data=calib_data, calib_batches=calib_batches, seed=seed,
                           device=next(work.parameters()).device)
     check_layer_names(work, ratios or {}, "ratios")
-    if parsed is None:
+    measured = _check_round_to(round_to)
+    if measured:
+        remove = _round_measured(work, example_input, graph, lgs, scores, scope, min_keep, ratio, ratios, parsed,
+                                 latency_device, rounding)
+    elif parsed is None:
         remove = select(lgs, scores, ratio, scope, round_to, min_keep, ratios)
     else:
         _, remove = ratio_for_target(work, example_input, graph, lgs, scores, parsed, scope, round_to, min_keep)

@@ -27,7 +27,8 @@ class ChannelPruneConfig:
     """The keyword arguments of :func:`netslim.prune.structured` under the same names (``ratio`` of
     channels to remove, ``ratios`` per layer overriding it, or ``target`` such as ``"macs:2"``: macs, params, size, latency; ``criterion``,
     ``scope``, ``round_to``, ``min_keep``, ``exclude``, ``seed``, ``calib_batches`` of training data
-    for ``taylor``), and: ``method``: ``oneshot``; ``iterative`` (``steps`` rounds of prune + fine-tune
+    for ``taylor``; ``round_to: measured`` times the rounding candidates on ``latency_device`` -- ``ort-cpu``,
+    ``torch-cpu`` or ``torch-cuda`` -- at ``latency_batch`` with ``latency_threads``), and: ``method``: ``oneshot``; ``iterative`` (``steps`` rounds of prune + fine-tune
     with ``train``); ``sfp`` (Soft Filter Pruning during ``train``); ``reconstruct`` (He 2017, no
     fine-tuning, on ``calib_images`` training images). ``slimming_l1`` > 0 first trains with an L1
     penalty on BatchNorm scales (Network Slimming) for ``train``'s epochs. ``train``: the fields of the
@@ -40,7 +41,10 @@ class ChannelPruneConfig:
     criterion: str = "l1"
     method: str = "oneshot"
     scope: str = "uniform"
-    round_to: int = 1
+    round_to: int | str = 1
+    latency_device: str | None = None
+    latency_batch: int = 1
+    latency_threads: int = 1
     min_keep: float = 0.1
     exclude: list[str] = field(default_factory=list)
     steps: int = 3
@@ -66,11 +70,28 @@ class ChannelPruneConfig:
         if not 0 <= self.ratio < 1:
             raise NetslimError(f"ratio must be in [0, 1), got {self.ratio}")
         parse_target(self.target, TARGET_METRICS, "prune_channels target")
+        self._check_rounding()
         valid = {f.name for f in fields(TrainConfig)}
         unknown = set(self.train) - valid
         if unknown:
             raise NetslimError(f"unknown key(s) {sorted(unknown)} in train; valid keys: {', '.join(sorted(valid))}")
         self.train_config = TrainConfig(**self.train)
+
+    def _check_rounding(self) -> None:
+        from .api import _check_round_to
+
+        if _check_round_to(self.round_to) and self.method != "oneshot":
+            raise NetslimError(f"round_to: measured needs method 'oneshot' (got {self.method!r}): it times candidate "
+                               "models, so a resumed multi-round stage could not rebuild the same structure")
+        if self.latency_device is not None:
+            self.device_for_rounding()
+
+    def device_for_rounding(self):
+        """The :class:`netslim.search.cost.Device` ``round_to: measured`` times on (None: structured's default)."""
+        if self.latency_device is None:
+            return None
+        from ...search.cost import Device
+        return Device(self.latency_device, self.latency_threads, self.latency_batch)
 
     def structured_options(self) -> dict:
         """The fields that are keyword arguments of :func:`structured`, joined by name (no copied list)."""
@@ -88,7 +109,8 @@ def _loader(ctx: StageContext, cfg: ChannelPruneConfig) -> DataLoader:
 
 
 def _prune(model, ctx, cfg, target, ratio):
-    options = {**cfg.structured_options(), "ratio": ratio, "target": target}
+    options = {**cfg.structured_options(), "ratio": ratio, "target": target,
+               "latency_device": cfg.device_for_rounding()}
     return structured(model.cpu(), ctx.example_input, **options,
                       calib_data=_loader(ctx, cfg) if cfg.criterion == "taylor" else None)
 
