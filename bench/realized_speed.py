@@ -58,7 +58,8 @@ def macs(model: nn.Module) -> int:
     return netslim.profile(model, X, latency=False).macs
 
 
-def build(method: str, base: nn.Module, target: float, plain, hw: Device, details: dict) -> nn.Module:
+def build(method: str, base: nn.Module, target: float, plain, hw: Device, details: dict,
+          refit_mode: str = "one_pass") -> nn.Module:
     """The model of one row at ``target``x fewer MACs (hardware-aware forms tuned for ``hw``)."""
     goal = f"macs:{target:g}"
     if method in ("l1", "l1-measured"):
@@ -72,7 +73,7 @@ def build(method: str, base: nn.Module, target: float, plain, hw: Device, detail
         from structured_pruning import torch_pruning_at
         return torch_pruning_at(base, int(macs(base) / target))
     cfg = DecomposeConfig(method="spatial", selector="energy_target", target=goal, refit_images=256,
-                          refit_mode="one_pass",
+                          refit_mode=refit_mode,
                           **({"latency_device": hw.name, "latency_batch": hw.batch, "latency_threads": hw.threads}
                              if method == "lowrank-measured" else {}))
     result = decompose(base, X, cfg, calib_data=plain, device="cpu", progress=False)
@@ -89,6 +90,68 @@ def fine_tune(model: nn.Module, base: nn.Module, train, config: TrainConfig | No
         distill(model, base, train, {"kd": 0.9}, config=config, device=device, progress=False)
     base.cpu()
     return model.cpu().eval()
+
+
+def previous_rows(path: Path, args, chosen: list[str], details: dict) -> list[dict]:
+    """The rows (and their cells) of ``path`` that this run does not redo; a redone model's dense row stays
+    only when its own dense row is not rerun (every row carries its own dense latencies)."""
+    import json
+
+    if not path.is_file():
+        return []
+    old = json.loads(path.read_text())
+    models = set(args.models.split(","))
+    targets = {float(v) for v in args.targets.split(",")}
+    labels = {LABELS[m][0] for m in chosen}
+    keep = []
+    for row in old["rows"]:
+        redone = row["model"] in models and (row["method"] == "dense" or (
+            row["method"] in labels and row["setting"].get("mac_target") in targets))
+        if not redone:
+            keep.append(row)
+    for key, cell in old.get("details", {}).get("cells", {}).items():
+        model, row_key = key.split(" ", 1)
+        method, _, target = row_key.partition("@")
+        redone = model in models and (row_key == "dense" or (method in chosen and float(target.rstrip("x")) in targets))
+        if not redone:
+            details["cells"][key] = cell
+    details["merged_from"] = old.get("command")
+    return keep
+
+
+GOAL_SHARE = {"vgg16": 0.9, "resnet56": 0.7}  # the issue's speed-up / MAC-reduction goals
+
+
+def summarize(rows: list[dict]) -> dict:
+    """Per (model, target, batch, threads) cell and per row: the runtime where speed-up / MAC reduction is
+    highest, that share, and whether it meets the model's goal; netslim's pruned rows against Torch-Pruning's
+    in the same runtime."""
+    cells: dict[str, dict] = {}
+    for row in rows:
+        target = row["setting"].get("mac_target")
+        if row["method"] == "dense" or not row.get("latency_ms"):
+            continue
+        reduction = row["macs"] and next(r["macs"] for r in rows if r["model"] == row["model"]
+                                         and r["method"] == "dense") / row["macs"]
+        for key, ms in row["latency_ms"].items():
+            runtime, batch, threads = key.split("/")
+            cell = cells.setdefault(f"{row['model']} {target:g}x {batch} {threads}", {})
+            share = row["baseline_latency_ms"][key] / ms / reduction
+            entry = cell.setdefault(row["method"], {"best_runtime": None, "best_share": 0.0, "shares": {}})
+            entry["shares"][runtime] = share
+            if share > entry["best_share"]:
+                entry["best_runtime"], entry["best_share"] = runtime, share
+    for key, cell in cells.items():
+        goal = GOAL_SHARE.get(key.split()[0])
+        for method, entry in cell.items():
+            entry["meets_goal"] = goal is not None and entry["best_share"] >= goal
+        peer = cell.get(LABELS["torch-pruning"][0])
+        for method in (LABELS["l1"][0], LABELS["l1-measured"][0]):
+            if peer and method in cell:
+                mine = cell[method]["shares"]
+                cell[method]["at_or_above_torch_pruning"] = {
+                    r: mine[r] >= peer["shares"][r] for r in mine if r in peer["shares"]}
+    return cells
 
 
 def settings_from(args) -> list[Setting]:
@@ -116,6 +179,10 @@ def main() -> None:
     p.add_argument("--ft-lr", type=float, default=0.005)
     p.add_argument("--full", action="store_true", help="the whole test set and --ft-epochs epochs of fine-tuning")
     p.add_argument("--dry-run", action="store_true", help="every code path, tiny, to prove the command runs")
+    p.add_argument("--refit-mode", default="one_pass", choices=("one_pass", "sequential"),
+                   help="low-rank rows: the data-aware refit of every factorized layer at once or layer by layer")
+    p.add_argument("--merge", action="store_true",
+                   help="keep the rows of the existing JSON that this run does not redo (same model, method, target)")
     p.add_argument("--out", default="bench/results")
     args = p.parse_args()
     chosen = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -151,9 +218,11 @@ def main() -> None:
             f"{args.hw_batch}, 1 thread")
     details = {"form": form_word, "form_text": form, "settings": [s.key for s in settings], "cells": {}}
     rows: list[dict] = []
+    kept = previous_rows(Path(args.out) / "realized_speed.json", args, chosen, details) if args.merge else []
 
     def save():
-        return write_result("realized_speed", rows, args.out, device=device, details=details)
+        details["summary"] = summarize(kept + rows)
+        return write_result("realized_speed", kept + rows, args.out, device=device, details=details)
 
     hw = Device("ort-cpu", threads=1, batch=args.hw_batch)
     for name in args.models.split(","):
@@ -168,7 +237,7 @@ def main() -> None:
                 info: dict = {}
                 t0 = time.time()
                 try:
-                    model = build(method, base, t, plain, hw, info)
+                    model = build(method, base, t, plain, hw, info, args.refit_mode)
                 except Exception as exc:  # a failing row is reported, not hidden
                     details[f"{name} {key}"] = f"failed: {type(exc).__name__}: {str(exc)[:300]}"
                     print(f"{name} {key} failed: {exc}", flush=True)
@@ -200,6 +269,8 @@ def main() -> None:
             label, tool = LABELS.get(info["method"], ("dense", "netslim"))
             rows.append(dict(model=name, dataset="cifar10", method=label, tool=tool,
                              setting={"mac_target": info["target"], "build_seconds": info.get("build_seconds"),
+                                      "fine_tune": ft_text, "form": form_word,
+                                      **({"refit_mode": args.refit_mode} if "lowrank" in info["method"] else {}),
                                       **{k: v for k, v in info["details"].items() if v is not None}},
                              top1=info["top1"], baseline_top1=base_top1, params=sum(q.numel() for q in model.parameters()),
                              macs=m, size_bytes=None, latency_ms=lat, baseline_latency_ms=base_lat,
