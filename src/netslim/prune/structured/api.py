@@ -122,9 +122,9 @@ def structured(model: nn.Module, example_input: torch.Tensor, ratio: float = 0.5
     counts become multiples of it; ``"measured"``: kept counts are rounded to multiples of 1, 4, 8 or 16
     (a multiple at most half a layer's channels), whichever runs fastest on ``latency_device`` (a
     :class:`netslim.search.cost.Device` or its name, default ``torch-cpu`` with 1 thread at ``example_input``'s
-    batch size), each candidate re-bisected to ``target`` and timed whole (:mod:`.rounding`); the trials are
-    appended to the list ``rounding`` when one is given. ``exclude``: layers whose output channels stay (their inputs may shrink;
-    a name covers its submodules). ``inplace``: prune ``model`` itself instead of a copy.
+    batch size), each candidate moved back within a MAC ``target`` and timed whole (:mod:`.rounding`); the
+    trials are appended to the list ``rounding`` when one is given. ``exclude``: layers whose output channels
+    stay (their inputs may shrink; a name covers its submodules). ``inplace``: prune ``model`` itself instead of a copy.
     The output is unchanged in structure and shape - every tensor of a tuple, list or dict output (a
     segmentation model's ``{"out", "aux"}``) is checked; channels that cannot be removed safely are kept
     with a warning.

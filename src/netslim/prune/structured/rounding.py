@@ -37,20 +37,15 @@ def group_step(lg: LayerGroup, m: int) -> int:
     return max(1, min(m, p))
 
 
-def step_policy(m: int) -> Callable[[LayerGroup], int]:
-    """``round_to`` for :func:`.select.select` that rounds every layer group by :func:`group_step`."""
-    return lambda lg: group_step(lg, m)
-
-
 @dataclass
 class RoundingTrial:
-    """One candidate rounding: its step, the channel ratio that met the target with it, the pruned model's
-    MACs and its latency measured whole on the target (ms; None when the target could not be met)."""
+    """One candidate rounding: its step, the channel ratio of the unrounded selection it rounds, the pruned
+    model's MACs and its latency measured whole on the target (ms)."""
 
     step: int
-    ratio: float | None
-    macs: int | None
-    ms: float | None
+    ratio: float
+    macs: int
+    ms: float
     chosen: bool = False
 
     def to_dict(self) -> dict:
@@ -122,17 +117,17 @@ def rounded_removal(lgs: list[LayerGroup], scores: dict[int, float], remove: set
 
 def choose_step(trials: list[RoundingTrial], tolerance: float = 0.03) -> RoundingTrial:
     """The fastest measured trial; the unrounded one (step 1) unless another is more than ``tolerance`` faster."""
-    feasible = [t for t in trials if t.ms is not None]
+    feasible = list(trials)
     if not feasible:
-        raise ValueError("no rounding met the target")
+        raise ValueError("no rounding trials to choose from")
     fastest = min(feasible, key=lambda t: t.ms)
     plain = next((t for t in feasible if t.step == 1), None)
     pick = plain if plain is not None and fastest.ms >= plain.ms * (1.0 - tolerance) else fastest
     pick.chosen = True
     for t in trials:
         log.info("rounding step %d: ratio %s, %s MACs, %s ms%s", t.step, t.ratio, t.macs,
-                 None if t.ms is None else f"{t.ms:.3f}", " (chosen)" if t.chosen else "")
+                 f"{t.ms:.3f}", " (chosen)" if t.chosen else "")
     return pick
 
 
-__all__ = ["STEPS", "RoundingTrial", "group_step", "step_policy", "rounded_removal", "choose_step"]
+__all__ = ["STEPS", "RoundingTrial", "group_step", "rounded_removal", "choose_step"]

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Union
 
 from ...errors import NetslimError, unknown_choice
 from ...layers import covers
@@ -40,14 +39,8 @@ def layer_groups(graph: DependencyGraph) -> list[LayerGroup]:
     return out
 
 
-RoundTo = Union[int, Callable[["LayerGroup"], int]]
-
-
-def _kept_count(lg: LayerGroup, keep_fraction: float, round_to: RoundTo) -> int:
-    """Groups to keep so the producing layers keep ~``keep_fraction`` of channels, as a multiple of ``round_to``
-    (an int, or a function giving each layer group its multiple)."""
-    if callable(round_to):
-        round_to = round_to(lg)
+def _kept_count(lg: LayerGroup, keep_fraction: float, round_to: int) -> int:
+    """Groups to keep so the producing layers keep ~``keep_fraction`` of channels, as a multiple of ``round_to``."""
     channels = lg.channels * keep_fraction
     if round_to > 1:
         channels = max(round_to, math.ceil(channels / round_to - 1e-9) * round_to)
@@ -65,7 +58,7 @@ def group_ratio(lg: LayerGroup, ratio: float, ratios: dict[str, float] | None) -
     return ratio
 
 
-def select_uniform(lgs: list[LayerGroup], scores: dict[int, float], ratio: float, round_to: RoundTo = 1,
+def select_uniform(lgs: list[LayerGroup], scores: dict[int, float], ratio: float, round_to: int = 1,
                    ratios: dict[str, float] | None = None) -> set[int]:
     """Remove the lowest-scored ``ratio`` of every layer group (``ratios``: per producing layer)."""
     remove: set[int] = set()
@@ -76,7 +69,7 @@ def select_uniform(lgs: list[LayerGroup], scores: dict[int, float], ratio: float
     return remove
 
 
-def select_global(lgs: list[LayerGroup], scores: dict[int, float], ratio: float, round_to: RoundTo = 1,
+def select_global(lgs: list[LayerGroup], scores: dict[int, float], ratio: float, round_to: int = 1,
                   min_keep: float = 0.1) -> set[int]:
     """Rank all groups together and remove the lowest ``ratio`` of channels, but never more than
     ``1 - min_keep`` of one layer group (the protection against emptying a layer)."""
@@ -103,7 +96,7 @@ def select_global(lgs: list[LayerGroup], scores: dict[int, float], ratio: float,
 
 
 def select(lgs: list[LayerGroup], scores: dict[int, float], ratio: float, scope: str = "uniform",
-           round_to: RoundTo = 1, min_keep: float = 0.1, ratios: dict[str, float] | None = None) -> set[int]:
+           round_to: int = 1, min_keep: float = 0.1, ratios: dict[str, float] | None = None) -> set[int]:
     """The channel groups to remove; ``ratios`` (per producing layer, scope ``uniform`` only) override
     ``ratio`` for the layer groups they name."""
     if not 0.0 <= ratio < 1.0:
@@ -113,7 +106,7 @@ def select(lgs: list[LayerGroup], scores: dict[int, float], ratio: float, scope:
             raise NetslimError(f"ratios[{key!r}] must be in [0, 1), got {value!r}")
     if ratios and scope != "uniform":
         raise NetslimError("ratios (per layer) need scope 'uniform'; scope 'global' ranks all layers together")
-    if not callable(round_to) and round_to < 1:
+    if round_to < 1:
         raise NetslimError(f"round_to must be >= 1, got {round_to}")
     if scope == "uniform":
         return select_uniform(lgs, scores, ratio, round_to, ratios)
