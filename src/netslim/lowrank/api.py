@@ -159,7 +159,8 @@ def _plan(work: nn.Module, x: torch.Tensor, cfg: DecomposeConfig, exclude: tuple
 def _keep_faster_on_target(work: nn.Module, x: torch.Tensor, cfg: DecomposeConfig, report: DecompositionReport,
                            eval_data, device, progress: bool, details: dict, rounds: int = 3) -> DecompositionReport:
     """Re-plan without the layers whose factors are not faster on ``cfg.latency_device`` than the layer
-    (at most ``rounds`` times); those layers are marked skipped with both times in ``details["on_target"]``."""
+    (at most ``rounds`` times); those layers are listed in ``details["slower_on_target"]`` and their times in
+    ``details["on_target"]`` (the re-planned report leaves them out, as it does any excluded layer)."""
     from ..search.cost import LatencyTable, parse_device
     from ..surgery import safe_deepcopy
     from .measured import factor_timings
@@ -177,11 +178,5 @@ def _keep_faster_on_target(work: nn.Module, x: torch.Tensor, cfg: DecomposeConfi
             break
         slow.update(newly)
         report = _plan(work, x, cfg, tuple(cfg.exclude) + tuple(slow), eval_data, device, progress, details)
-    for name, t in slow.items():
-        plan = report.layers.get(name)
-        note = (f"skipped: not faster on {table.device.key} ({t.factored_ms:.3f} ms factored vs "
-                f"{t.dense_ms:.3f} ms dense)")
-        if plan is not None:
-            plan.skipped = note
     details["slower_on_target"] = sorted(slow)
     return report
