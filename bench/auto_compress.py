@@ -44,14 +44,14 @@ from netslim import zoo
 from netslim.distill import distill
 from netslim.report import write_result
 from netslim.search import SearchConfig, auto_compress
-from netslim.search.cost import measure_ms, parse_device
+from netslim.search.cost import measure_ms, paired_ms, parse_device
 from netslim.train import TrainConfig, evaluate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 BENCH = "auto_compress"
 X = torch.randn(1, 3, 32, 32)
-TIMING = {"repeats": 50, "rounds": 5, "pair_rounds": 3, "warmup": 5, "calib": 256}  # --dry-run: cheaper
+TIMING = {"repeats": 50, "rounds": 5, "pair_rounds": 3, "pairs": 200, "warmup": 10, "calib": 256}  # --dry-run: cheaper
 FAMILY_SETS = {"joint": ["prune", "lowrank", "compact", "quant"], "prune": ["prune"], "lowrank": ["lowrank"],
                "quant": ["quant"], "greedy": ["prune", "lowrank", "compact", "quant"]}
 
@@ -99,12 +99,11 @@ def top1(model, test, device) -> float:
 
 
 def interleaved_ms(device, model, base, rounds: int | None = None) -> tuple[float, float]:
-    """Least of ``rounds`` medians of the model and of the dense model, timed alternately (the same noise
-    hits both)."""
-    r = TIMING["repeats"]
-    pairs = [(measure_ms(device, model, X, repeats=r), measure_ms(device, base, X, repeats=r))
-             for _ in range(rounds or TIMING["pair_rounds"])]
-    return min(p[0] for p in pairs), min(p[1] for p in pairs)
+    """The model's and the dense model's latency, timed run by run in turn (``paired_ms``: the same noise
+    hits both); of ``rounds`` rounds, the one with the median speed-up."""
+    timed = sorted((paired_ms(device, model, base, X, pairs=TIMING["pairs"], warmup=TIMING["warmup"])
+                    for _ in range(rounds or TIMING["pair_rounds"])), key=lambda p: p[1] / p[0])
+    return timed[len(timed) // 2]
 
 
 def dry_run_trials(base, family: str, trials: int) -> int:
@@ -169,7 +168,7 @@ def main() -> None:
     if args.dry_run:
         args.ft_epochs, args.ft_steps = 1, min(args.ft_steps, 2)
         args.held_out, args.front_points = min(args.held_out, 64), min(args.front_points, 2)
-        TIMING.update(repeats=2, rounds=1, pair_rounds=1, warmup=1, calib=64)
+        TIMING.update(repeats=2, rounds=1, pair_rounds=1, pairs=2, warmup=1, calib=64)
         args.runs = str(Path(args.runs) / "dry-run")
     test_full = nsdata.get("cifar10", "test")
     order = torch.randperm(len(test_full), generator=torch.Generator().manual_seed(0))
@@ -252,7 +251,7 @@ def main() -> None:
                     details["searches"][key]["rank_correlation"] = front_correlation(result, base, calib, train, test, args)
                 write_result(BENCH, rows, args.out, device=args.device, details=details)
             if args.peers:
-                row, info = peers_row(name, base, dense_ms / t, train, plain, test, args, form_text)
+                row, info = peers_row(name, base, dense_ms / t, t, train, plain, test, args, form_text)
                 if row is not None:
                     row["baseline_top1"] = base_top1
                     rows.append(row)
@@ -274,10 +273,10 @@ def ort_top1(onnx_model: bytes, test) -> float:
     return correct / total
 
 
-def peers_row(name, base, goal_ms, train, plain, test, args, form_text):
-    """Torch-Pruning then onnxruntime quantize_static, its pruning ratio bisected to the measured goal."""
+def peers_row(name, base, goal_ms, factor, train, plain, test, args, form_text):
+    """Torch-Pruning then onnxruntime quantize_static, its pruning ratio bisected to the measured goal
+    (``goal_ms``: the dense latency over ``factor``)."""
     import torch_pruning as tp
-    from netslim.export import ort_latency_ms, ort_session
     from netslim.targets import bisect
     from quantization import fp32_onnx, ort_static
 
@@ -292,13 +291,14 @@ def peers_row(name, base, goal_ms, train, plain, test, args, form_text):
                              ignored_layers=[last]).step()
         return m
 
-    def latency(ratio):
+    device = parse_device("ort-cpu", 1, 1)
+    dense_onnx = fp32_onnx(base)
+
+    def latency(ratio):  # the dense latency at the start times the speed-up timed in turn with the dense model
         m = prune(ratio)
         q = ort_static(fp32_onnx(m), calibration, "MinMax")
-        session = ort_session(q, threads=1)
-        ms = min(ort_latency_ms(session, X, (1,), repeats=TIMING["repeats"], warmup=TIMING["warmup"])[1]
-                 for _ in range(TIMING["pair_rounds"]))
-        return ms, m
+        ms, dense_now = paired_ms(device, q, dense_onnx, X, pairs=TIMING["pairs"], warmup=TIMING["warmup"])
+        return goal_ms * factor * ms / dense_now, m
 
     t0 = time.time()
     found = bisect(latency, 0.0, 0.95, goal_ms, increasing=False, steps=8)
@@ -308,11 +308,9 @@ def peers_row(name, base, goal_ms, train, plain, test, args, form_text):
     fine_tune(model, base, train, args)
     model.eval()
     q = ort_static(fp32_onnx(model), calibration, "MinMax")
-    session = ort_session(q, threads=1)
-    pairs = [(ort_latency_ms(session, X, (1,), repeats=TIMING["repeats"], warmup=TIMING["warmup"])[1],
-              measure_ms(parse_device("ort-cpu", 1, 1), base, X, repeats=TIMING["repeats"]))
-             for _ in range(TIMING["pair_rounds"])]
-    measured, dense_ms = min(p[0] for p in pairs), min(p[1] for p in pairs)
+    timed = sorted((paired_ms(device, q, dense_onnx, X, pairs=TIMING["pairs"], warmup=TIMING["warmup"])
+                    for _ in range(TIMING["pair_rounds"])), key=lambda p: p[1] / p[0])
+    measured, dense_ms = timed[len(timed) // 2]
     int8_top1 = ort_top1(q, test)
     info = {"form": "dry-run" if args.dry_run else ("full" if args.full else "cpu"), "ratio": found.knob,
             "ort_latency_ms": measured, "baseline_ort_latency_ms": dense_ms, "speedup": dense_ms / measured,

@@ -214,3 +214,25 @@ def test_missing_onnxruntime_names_extra(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_ort)
     with pytest.raises(NetslimError, match=r"netslim\[deploy\]"):
         parse_device("ort-cpu")
+
+
+@pytest.mark.parametrize("name", ["torch-cpu", "ort-cpu"])
+def test_paired_timing_orders_a_model_of_far_more_work(name):
+    from netslim.search.cost import paired_ms
+
+    small, big = small_cnn(4), small_cnn(64)  # 256x the MACs of the middle layers
+    device = parse_device(name, threads=1, batch=8)
+    big_ms, small_ms = paired_ms(device, big, small, torch.randn(1, 3, 32, 32), pairs=20, warmup=2)
+    assert big_ms > 2 * small_ms > 0
+    assert not small.training  # timing leaves the modules as they were
+
+
+def test_paired_timing_takes_onnx_bytes_on_onnxruntime_only(x):
+    from netslim.export import onnx_bytes
+    from netslim.search.cost import paired_ms
+
+    graph = onnx_bytes(small_cnn(8), x[:1])
+    a, b = paired_ms(parse_device("ort-cpu"), graph, small_cnn(8), x, pairs=5, warmup=1)
+    assert a > 0 and b > 0
+    with pytest.raises(NetslimError, match="ONNX bytes run on ort-cpu only"):
+        paired_ms(parse_device("torch-cpu"), graph, small_cnn(8), x, pairs=5)

@@ -1,6 +1,7 @@
 """From a candidate of the search space to a compressed model, through the public API of each family.
 
-The order is the recipe's: channels removed (:func:`netslim.prune.structured` with per-layer ``ratios``),
+The order is the recipe's: channels removed (:func:`netslim.prune.structured` with per-layer ``ratios``,
+the layers reading removed channels re-solved by least squares on training images, He et al. 2017),
 k x k convolutions factorized (:func:`netslim.lowrank.decompose`, fixed ranks) and swapped for compact
 blocks (:func:`netslim.compact.replace`, fixed widths), each refit on training images; BatchNorm
 statistics re-estimated on training images (the cheap repair of Li et al. 2020, "EagleEye"); then
@@ -99,8 +100,9 @@ def apply_candidate(model: nn.Module, example_input: torch.Tensor, space: Search
     work = safe_deepcopy(model).eval().to(device)
     stages: list[tuple[str, dict]] = []
     if plan["ratios"]:
-        options = {"ratio": 0.0, "ratios": dict(plan["ratios"]), "criterion": "l1"}
-        work = structured(work, x, **options).eval()
+        options = {"ratio": 0.0, "ratios": dict(plan["ratios"]), "criterion": "l1", "refit_images": refit_images,
+                   "refit_mode": "local"}
+        work = structured(work, x, **options, calib_data=calib_images).eval()
         stages.append(("prune_channels", options))
     lowrank = paying_ranks(work, x, _fraction_to_ranks(work, plan["lowrank"])) if plan["lowrank"] else {}
     if lowrank:

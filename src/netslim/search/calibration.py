@@ -11,7 +11,7 @@ predictors built on lookup tables do (e.g. Dudziak et al. 2020, "BRP-NAS"; Cai e
               + d * (residual scaled by activation volume)
 
 with non-negative coefficients (``c`` of either sign: it corrects the per-call overhead the table
-subtracted) by least squares on a handful of models spanning the search space (the
+subtracted) by least squares on the relative error over a handful of models spanning the search space (the
 dense one, uniform channel keeps, factorized, compact and int8 ones), each measured whole, and reports
 the error of the fit on every one of them. The coefficients are what is learned; the layer times stay
 measured.
@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .cost import LatencyTable, measure_ms
+from .cost import LatencyTable, measure_ms, paired_ms
 
 FEATURES = ("float_layer_sum", "int8_layer_sum", "layers", "residual")
 
@@ -68,15 +68,31 @@ class LatencyModel:
         return max((abs(r["error"]) for r in self.fit), default=float("nan"))
 
 
+def measured_whole(table: LatencyTable, models: dict[str, nn.Module], example_input: torch.Tensor,
+                   repeats: int = 30, pairs: int = 60) -> list[float]:
+    """Each model's whole latency on ``table``'s device: the first model timed alone, every other one timed
+    run by run in turn with it (:func:`~netslim.search.cost.paired_ms`) and given as the first's time
+    scaled by their ratio, so that drift between measurements does not enter the fit."""
+    names = list(models)
+    first = measure_ms(table.device, models[names[0]], example_input, repeats=repeats, rounds=3)
+    out = [first]
+    for n in names[1:]:
+        ms, reference_ms = paired_ms(table.device, models[n], models[names[0]], example_input, pairs=pairs)
+        out.append(first * ms / reference_ms)
+    return out
+
+
 def fit_latency_model(table: LatencyTable, models: dict[str, nn.Module], example_input: torch.Tensor,
                       repeats: int = 30) -> LatencyModel:
-    """Measure each of ``models`` whole on ``table``'s device, fit the coefficients, and record the errors."""
+    """Measure each of ``models`` whole on ``table``'s device (:func:`measured_whole`), fit the coefficients
+    to the *relative* error (each model's row divided by its time, so the small models a deep target ends
+    at weigh as much as the dense one), and record the errors."""
     names = list(models)
     rows = [features(table, models[n], example_input) for n in names]
-    measured = [measure_ms(table.device, models[n], example_input, repeats=repeats, rounds=3) for n in names]
+    measured = measured_whole(table, models, example_input, repeats)
     a, y = np.array(rows), np.array(measured)
     if len(names) >= 2:  # the per-layer term may be either sign (the table's overhead subtraction can miss both ways)
-        signed = nonnegative_least_squares(np.concatenate([a, -a[:, 2:3]], axis=1), y)
+        signed = nonnegative_least_squares(np.concatenate([a, -a[:, 2:3]], axis=1) / y[:, None], np.ones_like(y))
         coef = signed[:4] - np.array([0.0, 0.0, signed[4], 0.0])
     else:
         coef = np.array([1.0, 1.0, 0.0, 1.0])
@@ -86,4 +102,4 @@ def fit_latency_model(table: LatencyTable, models: dict[str, nn.Module], example
     return LatencyModel(table, [float(c) for c in coef], fit)
 
 
-__all__ = ["LatencyModel", "fit_latency_model", "features", "FEATURES", "nonnegative_least_squares"]
+__all__ = ["LatencyModel", "fit_latency_model", "measured_whole", "features", "FEATURES", "nonnegative_least_squares"]

@@ -28,7 +28,7 @@ from ..errors import NetslimError
 from ..profile import profile
 from ..train import evaluate
 from .apply import apply_candidate
-from .cost import measure_ms
+from .cost import measure_ms, paired_ms
 from .space import SearchSpace
 
 log = logging.getLogger("netslim.search")
@@ -79,27 +79,31 @@ class Evaluator:
 
     def __init__(self, model: nn.Module, example_input: torch.Tensor, space: SearchSpace, held_out, calib_images,
                  table, *, refit_images: int = 128, device: str | torch.device = "cpu",
-                 predictor: Callable[[nn.Module, torch.Tensor], float] | None = None, measure: bool = False) -> None:
+                 predictor: Callable[[nn.Module, torch.Tensor], float] | None = None, measure: bool = False,
+                 pairs: int = 60) -> None:
         self.model, self.x, self.space = model.eval(), example_input[:1], space
         self.held_out, self.calib_images, self.table = held_out, calib_images, table
         self.predictor, self.measure = predictor, measure
-        self.reference: tuple[float, Callable[[], float]] | None = None
+        self.reference: tuple[float, nn.Module | bytes] | None = None
+        self.pairs = pairs
         self.refit_images, self.device = refit_images, device
         self.cache: dict[str, Score] = {}
 
     def measured(self, model: nn.Module) -> float:
-        """``model``'s latency on the target, drift-corrected: timed whole, with the reference (dense) model
-        timed right after it, and scaled by the reference's time at the start over its time now - so that
-        a slower spell of a shared machine does not make candidates look slower than the goal."""
-        ms = measure_ms(self.table.device, model, self.x.cpu(), rounds=3)
+        """``model``'s latency on the target: timed whole, run by run in turn with the reference (dense)
+        model (:func:`~netslim.search.cost.paired_ms`), and given as the reference's latency at the start
+        times the ratio of the two - so that a slower spell of a shared machine does not move candidates
+        across the goal."""
         if self.reference is None:
-            return ms
-        start_ms, timer = self.reference
-        return ms * start_ms / timer()
+            return measure_ms(self.table.device, model, self.x.cpu(), rounds=3)
+        start_ms, source = self.reference
+        ms, reference_ms = paired_ms(self.table.device, model, source, self.x.cpu(), pairs=self.pairs)
+        return start_ms * ms / reference_ms
 
     def set_reference(self, start_ms: float) -> None:
-        """Time the dense model alongside every candidate from now on (see :meth:`measured`)."""
-        self.reference = (start_ms, reference_timer(self.table.device, self.model, self.x.cpu()))
+        """Time the dense model alongside every candidate from now on (see :meth:`measured`); on
+        onnxruntime its graph is exported once."""
+        self.reference = (start_ms, reference_source(self.table.device, self.model, self.x.cpu()))
 
     @staticmethod
     def key(candidate: dict[str, Any]) -> str:
@@ -127,11 +131,13 @@ class Evaluator:
         return score
 
 
-def reference_timer(device, model: nn.Module, x: torch.Tensor) -> Callable[[], float]:
-    """A function timing ``model`` on ``device`` again, by the very protocol candidates are timed with (a
-    fresh export and session each call on onnxruntime: a session kept warm across trials runs faster than
-    a new one and would bias every comparison against the candidates)."""
-    return lambda: measure_ms(device, model, x, rounds=3)
+def reference_source(device, model: nn.Module, x: torch.Tensor) -> "nn.Module | bytes":
+    """What :func:`~netslim.search.cost.paired_ms` times the reference as: its ONNX graph on ``ort-cpu``
+    (exported once, not per candidate), else the module."""
+    if device.name == "ort-cpu":
+        from ..export import onnx_bytes
+        return onnx_bytes(model.eval(), x)
+    return model
 
 
 def study_name(model: nn.Module, space: SearchSpace, device_key: str, goal_ms: float, held_out_size: int) -> str:

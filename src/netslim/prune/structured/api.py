@@ -108,7 +108,7 @@ def structured(model: nn.Module, example_input: torch.Tensor, ratio: float = 0.5
                exclude: Iterable[str] = (), calib_data=None, min_keep: float = 0.1, seed: int = 0,
                inplace: bool = False, graph: DependencyGraph | None = None, calib_batches: int = 8,
                data=None, ratios: dict[str, float] | None = None, latency_device=None,
-               rounding: list | None = None) -> nn.Module:
+               rounding: list | None = None, refit_images: int = 0, refit_mode: str = "local") -> nn.Module:
     """Remove whole channels from ``model`` and return a physically smaller, dense model.
 
     ``ratio``: fraction of each layer's channels to remove (``scope="uniform"``), or of all
@@ -123,7 +123,11 @@ def structured(model: nn.Module, example_input: torch.Tensor, ratio: float = 0.5
     (a multiple at most half a layer's channels), whichever runs fastest on ``latency_device`` (a
     :class:`netslim.search.cost.Device` or its name, default ``torch-cpu`` with 1 thread at ``example_input``'s
     batch size), each candidate moved back within a MAC ``target`` and timed whole (:mod:`.rounding`); the
-    trials are appended to the list ``rounding`` when one is given. ``exclude``: layers whose output channels
+    trials are appended to the list ``rounding`` when one is given. ``refit_images`` > 0: every dense layer
+    that lost input channels is re-solved by least squares to reproduce the unpruned model's outputs on that
+    many images of ``calib_data`` (He et al. 2017; :mod:`.refit`), ``refit_mode`` ``local`` (each layer on the
+    original model's inputs, one forward pass), ``sequential`` or ``one_pass`` (on the pruned model's
+    inputs, layer after layer or all at once). ``exclude``: layers whose output channels
     stay (their inputs may shrink; a name covers its submodules). ``inplace``: prune ``model`` itself instead of a copy.
     The output is unchanged in structure and shape - every tensor of a tuple, list or dict output (a
     segmentation model's ``{"out", "aux"}``) is checked; channels that cannot be removed safely are kept
@@ -133,6 +137,9 @@ def structured(model: nn.Module, example_input: torch.Tensor, ratio: float = 0.5
         raise unknown_choice("criterion", criterion, CRITERIA)
     scope = check_scope(scope)
     calib_data = renamed_argument(calib_data, data, "data", "calib_data", "structured")
+    from .refit import check_refit, refit_pruned_  # refit -> soft -> api: imported here
+
+    check_refit(refit_images, refit_mode, calib_data)
     parsed = parse_target(target, TARGET_METRICS, "target")
     work = model if inplace else safe_deepcopy(model)
     bake_parametrizations_(work)
@@ -153,6 +160,10 @@ def structured(model: nn.Module, example_input: torch.Tensor, ratio: float = 0.5
         _, remove = ratio_for_target(work, example_input, graph, lgs, scores, parsed, scope, round_to, min_keep)
     with torch.no_grad():
         reference = work.eval()(example_input)
+    if refit_images:
+        errors = refit_pruned_(work, graph, remove, calib_data, refit_images, refit_mode, seed)
+        log.info("refit %d layers after pruning: mean relative output error %.4f", len(errors),
+                 sum(after for _, after in errors.values()) / max(1, len(errors)))
     remove_groups_(work, graph, remove)
     with torch.no_grad():
         try:

@@ -30,7 +30,9 @@ class ChannelPruneConfig:
     for ``taylor``; ``round_to: measured`` times the rounding candidates on ``latency_device`` -- ``ort-cpu``,
     ``torch-cpu`` or ``torch-cuda`` -- at ``latency_batch`` with ``latency_threads``), and: ``method``: ``oneshot``; ``iterative`` (``steps`` rounds of prune + fine-tune
     with ``train``); ``sfp`` (Soft Filter Pruning during ``train``); ``reconstruct`` (He 2017, no
-    fine-tuning, on ``calib_images`` training images). ``slimming_l1`` > 0 first trains with an L1
+    fine-tuning, on ``calib_images`` training images). ``refit_images`` > 0 (``oneshot``): the layers that lost
+    input channels re-solved by least squares on that many training images (``refit_mode``: ``local``,
+    ``sequential`` or ``one_pass``; see :mod:`.refit`). ``slimming_l1`` > 0 first trains with an L1
     penalty on BatchNorm scales (Network Slimming) for ``train``'s epochs. ``train``: the fields of the
     ``finetune`` stage, for the training these need. ``data_batches`` and ``calibration_images`` are the
     deprecated names of ``calib_batches`` and ``calib_images``."""
@@ -51,6 +53,8 @@ class ChannelPruneConfig:
     slimming_l1: float = 0.0
     calib_batches: int = 8
     calib_images: int = 256
+    refit_images: int = 0
+    refit_mode: str = "local"
     seed: int = 0
     train: dict = field(default_factory=dict)
     data_batches: int | None = field(default=None, metadata={"deprecated": "calib_batches"})
@@ -71,6 +75,10 @@ class ChannelPruneConfig:
             raise NetslimError(f"ratio must be in [0, 1), got {self.ratio}")
         parse_target(self.target, TARGET_METRICS, "prune_channels target")
         self._check_rounding()
+        from .refit import check_refit
+        check_refit(self.refit_images, self.refit_mode, calib_data=True)
+        if self.refit_images and self.method != "oneshot":
+            raise NetslimError(f"refit_images needs method 'oneshot' (got {self.method!r})")
         valid = {f.name for f in fields(TrainConfig)}
         unknown = set(self.train) - valid
         if unknown:
@@ -111,8 +119,8 @@ def _loader(ctx: StageContext, cfg: ChannelPruneConfig) -> DataLoader:
 def _prune(model, ctx, cfg, target, ratio):
     options = {**cfg.structured_options(), "ratio": ratio, "target": target,
                "latency_device": cfg.device_for_rounding()}
-    return structured(model.cpu(), ctx.example_input, **options,
-                      calib_data=_loader(ctx, cfg) if cfg.criterion == "taylor" else None)
+    calib = _loader(ctx, cfg) if cfg.criterion == "taylor" else (ctx.data.train_plain if cfg.refit_images else None)
+    return structured(model.cpu(), ctx.example_input, **options, calib_data=calib)
 
 
 def _iterative(ctx: StageContext, cfg: ChannelPruneConfig) -> nn.Module:
