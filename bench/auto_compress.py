@@ -10,8 +10,8 @@ joint search's Pareto front is also fine-tuned point by point to measure the ran
 between the cheap estimate (held-out training slice, no training) and top-1 after the fine-tune.
 
 CPU form (default): top-1 on a fixed 2,000-image subset of the test set, ``--ft-steps`` fine-tune steps,
-``--trials`` per search, batch 1. ``--full`` (for a GPU, else the CPU): full test set, ``--ft-epochs``
-epochs (default 10). ``--dry-run`` keeps the chosen form and every code path but makes it tiny (64 test,
+``--trials`` per search, onnxruntime at batch 1. ``--full`` (for a GPU, else the CPU): full test set,
+``--ft-epochs`` epochs (default 10), batch 1 and batch 64 (``--batches`` sets them in either form). ``--dry-run`` keeps the chosen form and every code path but makes it tiny (64 test,
 held-out and calibration images, only the search's seeded trials, 1 epoch of at most 2 steps, cheap
 latency) on the CPU to prove a command line works. The JSON's ``details.form`` (``cpu``, ``full`` or
 ``dry-run``) and ``details.form_text`` say which.
@@ -23,7 +23,8 @@ latency (bisection on the ratio), with the same KD fine-tune before quantization
 model in onnxruntime.
 
     .venv/bin/python bench/auto_compress.py [--models resnet56,mobilenetv2] [--targets 3,5] [--trials 40]
-        [--families joint,prune,lowrank,quant] [--ft-steps 150] [--test-images 2000] [--merge] [--full] [--dry-run]
+        [--families joint,prune,lowrank,quant] [--ft-steps 150] [--test-images 2000] [--batches 1,64] [--merge]
+        [--full] [--dry-run]
 """
 from __future__ import annotations
 
@@ -156,6 +157,8 @@ def main() -> None:
     p.add_argument("--dry-run", action="store_true",
                    help="the chosen form made tiny (64 test / held-out / calibration images, only the search's seeded "
                         "trials, 2 fine-tune steps)")
+    p.add_argument("--batches", default=None,
+                   help="onnxruntime batch sizes the targets are measured at (default: 1; --full: 1,64)")
     p.add_argument("--merge", action="store_true")
     p.add_argument("--out", default="bench/results")
     p.add_argument("--runs", default="runs/bench_auto_compress",
@@ -165,6 +168,7 @@ def main() -> None:
     args.device = "cuda" if torch.cuda.is_available() and not args.dry_run else "cpu"  # a dry run: the CPU
     torch.set_num_threads(1)
     args.ft_epochs = args.ft_epochs or (10 if args.full else 1)
+    batches = [int(b) for b in (args.batches or ("1,64" if args.full else "1")).split(",")]
     if args.dry_run:
         args.ft_epochs, args.ft_steps = 1, min(args.ft_steps, 2)
         args.held_out, args.front_points = min(args.held_out, 64), min(args.front_points, 2)
@@ -186,78 +190,136 @@ def main() -> None:
                  f"0.9 from the dense model, SGD lr {args.ft_lr:g} cosine); searches estimate top-1 on {args.held_out} "
                  f"held-out training images, "
                  f"{'the seeded starting points (at most ' if args.dry_run else ''}{args.trials}"
-                 f"{')' if args.dry_run else ''} trials each; latency: onnxruntime CPU, 1 thread, batch 1")
+                 f"{')' if args.dry_run else ''} trials each; latency: onnxruntime CPU, 1 thread, batch {', '.join(map(str, batches))}")
     path = Path(args.out) / f"{BENCH}.json"
     rows, details = [], {"form": form, "form_text": form_text, "searches": {}}
     models = args.models.split(",")
     fams = args.families.split(",")
+    targets = [float(v) for v in args.targets.split(",")]
     if args.merge and path.exists():  # keep every row this run does not redo
-        doc = json.loads(path.read_text())
-        redo = {f"search {f}" for f in fams} | ({"Torch-Pruning + ort quantize_static"} if args.peers else set())
-        rows = [r for r in doc["rows"] if r["model"] not in models or (r["method"] not in redo and r["method"] != "dense")]
-        details["searches"] = {k: v for k, v in doc.get("details", {}).get("searches", {}).items()
-                               if k.split("@")[0] not in models or k.split(" ", 1)[1] not in {*fams, "peers"}}
-    device = parse_device("ort-cpu", 1, 1)
+        rows, details["searches"] = kept_rows(json.loads(path.read_text()), models, fams, batches, targets, args.peers)
     for name in models:
         base = zoo.get(name, weights="shared").eval()
-        dense_ms = measure_ms(device, base, X, repeats=TIMING["repeats"], rounds=TIMING["rounds"])
+        dense = {b: measure_ms(parse_device("ort-cpu", 1, b), base, X, repeats=TIMING["repeats"], rounds=TIMING["rounds"])
+                 for b in batches}
         base_top1 = top1(base, test, args.device)
         rows.append(dict(model=name, dataset="cifar10", method="dense", tool="netslim",
-                         setting={"form": form, "ort_latency_ms": dense_ms}, top1=base_top1, baseline_top1=base_top1,
+                         setting={"form": form, "ort_latency_ms": dense}, top1=base_top1, baseline_top1=base_top1,
                          params=sum(q.numel() for q in base.parameters()), macs=netslim.profile(base, X, latency=False).macs,
-                         latency_ms={1: dense_ms}, baseline_latency_ms={1: dense_ms}, notes=form_text))
+                         latency_ms=dense, baseline_latency_ms=dense, notes=form_text))
         write_result(BENCH, rows, args.out, device=args.device, details=details)
-        for t in (float(v) for v in args.targets.split(",")):
-            for fam in fams:
-                key = f"{name}@{t:g}x {fam}"
-                tiny = ({"trials": dry_run_trials(base, fam, args.trials), "calib_images": TIMING["calib"],
-                         "refit_images": 64} if args.dry_run else {"trials": args.trials})
-                cfg = SearchConfig(target=f"latency:{t:g}", device="ort-cpu", families=FAMILY_SETS[fam],
-                                   held_out=args.held_out, max_drop=1.0, strategy="greedy" if fam == "greedy" else "nsga2",
-                                   **tiny)
-                t0 = time.time()
-                try:
-                    result = auto_compress(base, X, plain, cfg, out=Path(args.runs) / f"{name}_{t:g}x_{fam}",
-                                           refs={"model": name, "weights": "shared", "data": "cifar10"}, progress=True)
-                except netslim.NetslimError as exc:  # e.g. the family alone cannot reach the target
-                    details["searches"][key] = {"error": str(exc)}
-                    print(f"{key}: {exc}", flush=True)
-                    write_result(BENCH, rows, args.out, device=args.device, details=details)
-                    continue
-                search_s = time.time() - t0
-                chosen = result.summary["chosen"]
-                before_ms, _ = interleaved_ms(device, result.model, base)
-                top1_before = top1(result.model, test, args.device)
-                model = tuned_model(base, FAMILY_SETS[fam], result.candidate, calib, train, args)
-                top1_after = top1(model, test, args.device)
-                measured, dense_again = interleaved_ms(device, model, base)
-                info = {"form": form, "latency_target": t, "families": FAMILY_SETS[fam], "ort_latency_ms": measured,
-                        "baseline_ort_latency_ms": dense_again, "speedup": dense_again / measured,
-                        "ort_latency_ms_before_ft": before_ms, "search_measured_ms": chosen["measured_ms"],
-                        "predicted_ms": chosen.get("predicted_ms"), "prediction_error": chosen["prediction_error"],
-                        "search_seconds": search_s, "trials": result.summary.get("trials", result.summary.get("evaluated")),
-                        "top1_estimate": chosen["top1"], "top1_before_ft": top1_before, "top1_after_ft": top1_after,
-                        "candidate": result.candidate,
-                        "latency_fit_max_error": result.summary["latency_model"]["max_fit_error"]}
-                rows.append(dict(model=name, dataset="cifar10", method=f"search {fam}", tool="netslim", setting=info,
-                                 top1=top1_after, baseline_top1=base_top1, params=sum(q.numel() for q in model.parameters()),
-                                 macs=chosen["macs"], size_bytes=chosen["size_bytes"], latency_ms={1: measured},
-                                 baseline_latency_ms={1: dense_again}, notes=form_text))
-                details["searches"][key] = {k: result.summary[k] for k in ("dense", "chosen", "verified", "latency_model",
-                                                                             "search_seconds")}
-                print(f"{key}: {dense_again / measured:.2f}x measured, top-1 {100 * top1_before:.2f} -> "
-                      f"{100 * top1_after:.2f} (dense {100 * base_top1:.2f}), search {search_s:.0f} s", flush=True)
-                if fam == "joint" and args.front_points:
-                    details["searches"][key]["rank_correlation"] = front_correlation(result, base, calib, train, test, args)
-                write_result(BENCH, rows, args.out, device=args.device, details=details)
-            if args.peers:
-                row, info = peers_row(name, base, dense_ms / t, t, train, plain, test, args, form_text)
-                if row is not None:
-                    row["baseline_top1"] = base_top1
-                    rows.append(row)
-                    print(f"{name}@{t:g}x peers: {info['speedup']:.2f}x, top-1 {100 * info['top1_after_ft']:.2f}", flush=True)
-                details["searches"][f"{name}@{t:g}x peers"] = info
-                write_result(BENCH, rows, args.out, device=args.device, details=details)
+        for batch in batches:
+            for t in targets:
+                cell(name, base, base_top1, batch, t, dense[batch], fams, rows, details, calib, train, plain, test, args,
+                     form, form_text)
+
+
+def kept_rows(doc: dict, models, fams, batches, targets, peers: bool) -> tuple[list[dict], dict]:
+    """The rows and searches of an earlier result that this run does not redo: another model, method, batch
+    or target (the dense rows of this run's models are measured again)."""
+    redo = {f"search {f}" for f in fams} | ({"Torch-Pruning + ort quantize_static"} if peers else set())
+
+    def redone(r: dict) -> bool:
+        if r["model"] not in models:
+            return False
+        if r["method"] == "dense":
+            return True
+        s = r.get("setting", {})
+        return r["method"] in redo and s.get("batch", 1) in batches and s.get("latency_target") in targets
+
+    def search_redone(key: str) -> bool:
+        where, what = key.split(" ", 1)
+        model, cell = where.split("@")
+        target, _, batch = cell.partition("/b")
+        return (model in models and what in {*fams, "peers"} and float(target.rstrip("x")) in targets
+                and int(batch or 1) in batches)
+
+    rows = [r for r in doc["rows"] if not redone(r)]
+    searches = {k: v for k, v in doc.get("details", {}).get("searches", {}).items() if not search_redone(k)}
+    return rows, searches
+
+
+def cell(name, base, base_top1, batch, t, dense_ms, fams, rows, details, calib, train, plain, test, args, form, form_text):
+    """Every row of one (model, batch, target) cell: each search, then the peers' pipeline; the JSON is
+    rewritten after each row."""
+    device = parse_device("ort-cpu", 1, batch)
+    at = f"{name}@{t:g}x" + ("" if batch == 1 else f"/b{batch}")  # batch 1 keeps the keys of earlier results
+    for fam in fams:
+        key = f"{at} {fam}"
+        tiny = ({"trials": dry_run_trials(base, fam, args.trials), "calib_images": TIMING["calib"],
+                 "refit_images": 64} if args.dry_run else {"trials": args.trials})
+        cfg = SearchConfig(target=f"latency:{t:g}", device="ort-cpu", batch=batch, families=FAMILY_SETS[fam],
+                           held_out=args.held_out, max_drop=1.0, strategy="greedy" if fam == "greedy" else "nsga2",
+                           **tiny)
+        t0 = time.time()
+        try:
+            result = auto_compress(base, X, plain, cfg, out=Path(args.runs) / f"{name}_{t:g}x_b{batch}_{fam}",
+                                   refs={"model": name, "weights": "shared", "data": "cifar10"}, progress=True)
+        except netslim.NetslimError as exc:  # e.g. the family alone cannot reach the target
+            details["searches"][key] = {"error": str(exc)}
+            print(f"{key}: {exc}", flush=True)
+            write_result(BENCH, rows, args.out, device=args.device, details=details)
+            continue
+        search_s = time.time() - t0
+        chosen = result.summary["chosen"]
+        before_ms, _ = interleaved_ms(device, result.model, base)
+        top1_before = top1(result.model, test, args.device)
+        model = tuned_model(base, FAMILY_SETS[fam], result.candidate, calib, train, args)
+        top1_after = top1(model, test, args.device)
+        measured, dense_again = interleaved_ms(device, model, base)
+        info = {"form": form, "latency_target": t, "batch": batch, "families": FAMILY_SETS[fam],
+                "ort_latency_ms": measured, "baseline_ort_latency_ms": dense_again, "speedup": dense_again / measured,
+                "ort_latency_ms_before_ft": before_ms, "search_measured_ms": chosen["measured_ms"],
+                "search_dense_ms": chosen.get("dense_ms"), "predicted_ms": chosen.get("predicted_ms"),
+                "prediction_error": chosen["prediction_error"], "search_seconds": search_s,
+                "trials": result.summary.get("trials", result.summary.get("evaluated")),
+                "top1_estimate": chosen["top1"], "top1_before_ft": top1_before, "top1_after_ft": top1_after,
+                "candidate": result.candidate,
+                "latency_fit_max_error": result.summary["latency_model"]["max_fit_error"]}
+        rows.append(dict(model=name, dataset="cifar10", method=f"search {fam}", tool="netslim", setting=info,
+                         top1=top1_after, baseline_top1=base_top1, params=sum(q.numel() for q in model.parameters()),
+                         macs=chosen["macs"], size_bytes=chosen["size_bytes"], latency_ms={batch: measured},
+                         baseline_latency_ms={batch: dense_again}, notes=form_text))
+        details["searches"][key] = {k: result.summary[k] for k in ("dense", "chosen", "verified", "latency_model",
+                                                                     "search_seconds")}
+        print(f"{key}: {dense_again / measured:.2f}x measured, top-1 {100 * top1_before:.2f} -> "
+              f"{100 * top1_after:.2f} (dense {100 * base_top1:.2f}), search {search_s:.0f} s", flush=True)
+        if fam == "joint":
+            info["recipe"] = recipe_check(result, base, train, plain, test, device, args, dense_again / measured)
+            print(f"{key} recipe via netslim.compress: {info['recipe']['speedup']:.2f}x measured "
+                  f"({100 * info['recipe']['latency_vs_chosen']:+.1f} % latency against the chosen model)", flush=True)
+        if fam == "joint" and args.front_points:
+            details["searches"][key]["rank_correlation"] = front_correlation(result, base, calib, train, test, args)
+        write_result(BENCH, rows, args.out, device=args.device, details=details)
+    if args.peers:
+        row, info = peers_row(name, base, dense_ms / t, t, batch, train, plain, test, args, form_text)
+        if row is not None:
+            row["baseline_top1"] = base_top1
+            rows.append(row)
+            print(f"{at} peers: {info['speedup']:.2f}x, top-1 {100 * info['top1_after_ft']:.2f}", flush=True)
+        details["searches"][f"{at} peers"] = info
+        write_result(BENCH, rows, args.out, device=args.device, details=details)
+
+
+def recipe_check(result, base, train, plain, test, device, args, chosen_speedup: float) -> dict:
+    """The search's ``recipe.yaml`` run by :func:`netslim.compress` (its fine-tune set to this run's budget,
+    everything else as written) and its model timed in turn with the dense model: how close its latency
+    comes to the chosen model's."""
+    import yaml
+
+    stages = yaml.safe_load(Path(result.recipe).read_text())["stages"]
+    for stage in stages:
+        if "finetune" in stage:
+            stage["finetune"] = {**stage["finetune"], "epochs": args.ft_epochs, "lr": args.ft_lr, "batch_size": 64,
+                                 "weight_decay": 5e-4,
+                                 "max_steps_per_epoch": (2 if args.dry_run else None) if args.full else args.ft_steps}
+    run = netslim.compress(base, stages, train_data=train, eval_data=test, calib_data=plain, example_input=X,
+                           out=result.out / "recipe_run", restart=True, progress=False, device=args.device)
+    model = run.model.cpu().eval()
+    ms, dense_ms = interleaved_ms(device, model, base)
+    return {"speedup": dense_ms / ms, "ort_latency_ms": ms, "baseline_ort_latency_ms": dense_ms,
+            "chosen_speedup": chosen_speedup, "latency_vs_chosen": chosen_speedup / (dense_ms / ms) - 1,
+            "top1": top1(model, test, args.device), "run_dir": str(run.run_dir)}
 
 
 def ort_top1(onnx_model: bytes, test) -> float:
@@ -273,7 +335,7 @@ def ort_top1(onnx_model: bytes, test) -> float:
     return correct / total
 
 
-def peers_row(name, base, goal_ms, factor, train, plain, test, args, form_text):
+def peers_row(name, base, goal_ms, factor, batch, train, plain, test, args, form_text):
     """Torch-Pruning then onnxruntime quantize_static, its pruning ratio bisected to the measured goal
     (``goal_ms``: the dense latency over ``factor``)."""
     import torch_pruning as tp
@@ -291,7 +353,7 @@ def peers_row(name, base, goal_ms, factor, train, plain, test, args, form_text):
                              ignored_layers=[last]).step()
         return m
 
-    device = parse_device("ort-cpu", 1, 1)
+    device = parse_device("ort-cpu", 1, batch)
     dense_onnx = fp32_onnx(base)
 
     def latency(ratio):  # the dense latency at the start times the speed-up timed in turn with the dense model
@@ -312,13 +374,14 @@ def peers_row(name, base, goal_ms, factor, train, plain, test, args, form_text):
                     for _ in range(TIMING["pair_rounds"])), key=lambda p: p[1] / p[0])
     measured, dense_ms = timed[len(timed) // 2]
     int8_top1 = ort_top1(q, test)
-    info = {"form": "dry-run" if args.dry_run else ("full" if args.full else "cpu"), "ratio": found.knob,
+    info = {"form": "dry-run" if args.dry_run else ("full" if args.full else "cpu"), "ratio": found.knob, "batch": batch,
+            "latency_target": factor,
             "ort_latency_ms": measured, "baseline_ort_latency_ms": dense_ms, "speedup": dense_ms / measured,
             "search_seconds": time.time() - t0, "top1_after_ft": int8_top1, "onnx_bytes": len(q)}
     return dict(model=name, dataset="cifar10", method="Torch-Pruning + ort quantize_static", tool="torch-pruning+onnxruntime",
                 setting=info, top1=int8_top1, baseline_top1=None, params=sum(p.numel() for p in model.parameters()),
-                macs=netslim.profile(model, X, latency=False).macs, size_bytes=len(q), latency_ms={1: measured},
-                baseline_latency_ms={1: dense_ms}, notes=form_text), info
+                macs=netslim.profile(model, X, latency=False).macs, size_bytes=len(q), latency_ms={batch: measured},
+                baseline_latency_ms={batch: dense_ms}, notes=form_text), info
 
 
 def front_correlation(result, base, calib, train, test, args) -> dict:

@@ -99,11 +99,14 @@ def suite_rows(prune_epochs: int = 30, distill_epochs: int = 20, qat_epochs: int
                             ["--full", "--models", model, "--targets", target, "--blocks", "bsconv",
                              "--ft-epochs", str(compact_epochs)], model, compact_epochs, priority=2,
                             work=1 / float(target)))
-    for target in ("2", "3"):
-        rows.append(Row(f"auto_compress:resnet56:{target}x", "auto_compress",
-                        ["--full", "--models", "resnet56", "--targets", target, "--ft-epochs", str(search_epochs),
-                         "--families", "joint,prune,quant", "--no-peers"], "resnet56", 3 * search_epochs,
-                        priority=3, work=1 / float(target)))  # three chosen models fine-tuned
+    for model in ("resnet56", "mobilenetv2"):
+        for target in ("3", "5"):
+            # batch 1 and 64; per batch the joint, three single-family and peers' models, three front points
+            # and the recipe's run fine-tuned (at most; a family that cannot reach the target trains nothing)
+            rows.append(Row(f"auto_compress:{model}:{target}x", "auto_compress",
+                            ["--full", "--models", model, "--targets", target, "--ft-epochs", str(search_epochs),
+                             "--families", "joint,prune,lowrank,quant", "--front-points", "3"], model,
+                            2 * 9 * search_epochs, priority=3, work=1 / float(target)))
     return rows
 
 
